@@ -1,0 +1,77 @@
+"""Reward and optimality-probability statistics of each round, synced across ranks (torchmetrics)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torchmetrics import Metric
+from torchmetrics.aggregation import CatMetric
+
+
+class SampleStatistics(Metric):
+    """Mean, std and quantiles of a stream of scalars; the values are a ``cat`` state, so ranks sync."""
+
+    full_state_update = False
+
+    def __init__(self, quantiles: Sequence[float] = (0.1, 0.5, 0.9), **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.quantiles = tuple(float(q) for q in quantiles)
+        self.add_state("values", default=[], dist_reduce_fx="cat")
+
+    def update(self, values: torch.Tensor) -> None:
+        self.values.append(values.detach().reshape(-1).float())
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        v = self.values if isinstance(self.values, torch.Tensor) else torch.cat(self.values)
+        out = {"mean": v.mean(), "std": v.std(unbiased=False)}
+        if v.numel():
+            q = torch.quantile(v, torch.tensor(self.quantiles, device=v.device, dtype=v.dtype))
+            out.update({f"q{int(round(100 * p)):02d}": q[i] for i, p in enumerate(self.quantiles)})
+        return out
+
+
+class RewardMetrics(Callback):
+    """Log ``reward/{mean,std,qNN}`` and ``r/{...}`` over every rollout of a round (all ranks).
+
+    The reward mean is also shown in the progress bar. Works with any module that keeps its
+    round's :class:`~lightning_nft.rollouts.RolloutBatch` in ``pl_module.rollouts``.
+    """
+
+    def __init__(self, quantiles: Sequence[float] = (0.1, 0.5, 0.9), prog_bar: bool = True) -> None:
+        self.reward_stats = SampleStatistics(quantiles)
+        self.r_stats = SampleStatistics(quantiles)
+        self.prog_bar = prog_bar
+        self._seen_version = -1
+        self.history: list[dict[str, float]] = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.reward_stats.to(pl_module.device)
+        self.r_stats.to(pl_module.device)
+
+    def _update(self, pl_module: pl.LightningModule) -> None:
+        version = getattr(pl_module, "rollout_version", 0)
+        if pl_module.rollouts is not None and version != self._seen_version:
+            self._seen_version = version
+            self.reward_stats.update(pl_module.rollouts.rewards)
+            self.r_stats.update(pl_module.rollouts.r)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._update(pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._update(pl_module)
+        if not self.reward_stats.update_called:
+            return
+        reward, r = self.reward_stats.compute(), self.r_stats.compute()
+        row = {}
+        for prefix, stats in (("reward", reward), ("r", r)):
+            for k, v in stats.items():
+                name = f"{prefix}/{k}"
+                row[name] = float(v)
+                pl_module.log(name, v, prog_bar=self.prog_bar and name == "reward/mean")
+        self.history.append(row)
+        self.reward_stats.reset()
+        self.r_stats.reset()

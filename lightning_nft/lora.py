@@ -1,0 +1,95 @@
+"""LoRA through peft: the trainable adapter, the old-policy adapter, and the adapter-free reference.
+
+With LoRA the reference policy is free (the base weights with adapters disabled) and the old
+policy is a second adapter of the same shape (``../shared/DESIGN.md``). peft's public
+``set_adapter`` also flips ``requires_grad``; to evaluate another adapter inside a training step
+without touching what is trainable we switch each tuner layer's active adapter for the duration of
+one forward pass only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+from torch import nn
+
+TRAIN_ADAPTER = "default"
+OLD_ADAPTER = "old"
+
+
+def _tuner_layers(model: nn.Module):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def add_lora(model: nn.Module, target_modules: Sequence[str], rank: int = 8, alpha: float = 16.0,
+             dropout: float = 0.0, init_lora_weights: bool | str = True) -> nn.Module:
+    """Inject two LoRA adapters (``default`` trainable, ``old`` frozen and equal to it) into ``model``.
+
+    Returns the same model (modified in place) with only the ``default`` adapter trainable.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                     init_lora_weights=init_lora_weights)
+    model = inject_adapter_in_model(cfg, model, adapter_name=TRAIN_ADAPTER)
+    model = inject_adapter_in_model(cfg, model, adapter_name=OLD_ADAPTER)
+    for layer in _tuner_layers(model):
+        layer.set_adapter(TRAIN_ADAPTER)  # active + trainable: default only
+    for name, p in model.named_parameters():
+        p.requires_grad_(f".{TRAIN_ADAPTER}." in name)
+    for old, cur in adapter_parameter_pairs(model):
+        old.data.copy_(cur.data)
+    return model
+
+
+def has_lora(model: nn.Module) -> bool:
+    """Whether ``model`` carries peft tuner layers."""
+    try:
+        return bool(_tuner_layers(model))
+    except ImportError:  # pragma: no cover - peft is a core dependency
+        return False
+
+
+def adapter_parameter_pairs(model: nn.Module, src: str = TRAIN_ADAPTER, dst: str = OLD_ADAPTER):
+    """``(dst_params, src_params)``: matching parameters of two adapters, by name."""
+    params = dict(model.named_parameters())
+    dst_list, src_list = [], []
+    for name, p in params.items():
+        if f".{src}." in name:
+            twin = name.replace(f".{src}.", f".{dst}.")
+            if twin not in params:
+                raise KeyError(f"adapter {dst!r} has no parameter matching {name}")
+            dst_list.append(params[twin])
+            src_list.append(p)
+    return dst_list, src_list
+
+
+@contextlib.contextmanager
+def active_adapter(model: nn.Module, name: str) -> Iterator[None]:
+    """Evaluate ``model`` with adapter ``name`` active (``requires_grad`` untouched)."""
+    layers = _tuner_layers(model)
+    saved = [layer._active_adapter for layer in layers]
+    try:
+        for layer in layers:
+            layer._active_adapter = [name]
+        yield
+    finally:
+        for layer, s in zip(layers, saved):
+            layer._active_adapter = s
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Evaluate ``model`` as its base weights (all adapters off; ``requires_grad`` untouched)."""
+    layers = _tuner_layers(model)
+    saved = [layer._disable_adapters for layer in layers]
+    try:
+        for layer in layers:
+            layer._disable_adapters = True
+        yield
+    finally:
+        for layer, s in zip(layers, saved):
+            layer._disable_adapters = s

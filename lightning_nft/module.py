@@ -1,0 +1,333 @@
+"""The reward fine-tuning ``LightningModule``: a policy backbone plus one objective.
+
+One online round (``../shared/DESIGN.md``) is one Lightning epoch:
+
+1. ``OnlineRollout`` (a callback) draws ``K`` samples for each of ``P`` conditions from the
+   sampling policy with any solver (:meth:`RewardFineTuningModule.rollout`), scores them
+   (:meth:`~RewardFineTuningModule.compute_rewards`), normalises rewards over all ranks and hands
+   the :class:`~lightning_nft.rollouts.RolloutBatch` to the module (:meth:`set_rollouts`);
+2. ``steps_per_round`` gradient steps of the objective run on minibatches of those rollouts
+   (:meth:`compute_loss`);
+3. ``EMAOldPolicy`` refreshes the old policy, ``old <- d old + (1 - d) current``.
+
+The objective is chosen in YAML: DiffusionNFT (``objectives.nft.NFTObjective``), Adjoint Matching
+(``objectives.adjoint_matching.AdjointMatchingObjective``) or Flow-GRPO
+(``objectives.grpo.GRPOObjective``). All three share this module because they differ only in
+*what a minibatch of rollouts costs*: which policy samples (old for NFT/GRPO, current for Adjoint
+Matching), whether trajectories or log-probabilities are kept, and the loss. Those are declared by
+the objective (:class:`~lightning_nft.objectives.base.Objective`), so one module, one rollout
+callback and one checkpoint format serve every method; a subclass per method would duplicate the
+policy bookkeeping below.
+
+Policies (:class:`lightning_nft.policy.Policy`):
+
+* full fine-tuning: ``backbone`` is trained, ``old_backbone`` and ``reference_backbone`` are frozen
+  copies kept as submodules (so strategies move/shard them and checkpoints carry them);
+* LoRA (``lora=LoraSettings(...)`` or a backbone that already carries peft adapters ``default`` and
+  ``old``): the reference is the backbone with adapters disabled and the old policy is the second
+  adapter ``old``; no copies of the base weights.
+
+Override points for subclasses: :meth:`sample_conditions`, :meth:`rollout`,
+:meth:`compute_rewards`, :meth:`compute_loss`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from lightning_nft.data.noise import NoiseDataset
+from lightning_nft.lora import (
+    OLD_ADAPTER,
+    active_adapter,
+    adapter_parameter_pairs,
+    adapters_disabled,
+    add_lora,
+    has_lora,
+)
+from lightning_nft.objectives.base import Objective
+from lightning_nft.policy import PolicyRole
+from lightning_nft.rewards.base import Reward, check_finite_rewards
+from lightning_nft.rollouts import RolloutBatch, index_condition
+from lightning_nft.samplers import EulerSolver, SampleOutput, Solver, time_grid
+
+ConditionSampler = Callable[[int, torch.Generator], Any]
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters injected with peft: ``target_modules`` (names of ``nn.Linear``/conv layers)."""
+
+    target_modules: list[str] = field(default_factory=list)
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+
+
+class RewardFineTuningModule(pl.LightningModule):
+    """Reward fine-tuning of a velocity-field ``backbone`` with one ``objective``.
+
+    Args:
+        backbone: velocity field ``forward(x (B, *S), t (B,), cond) -> (B, *S)`` (our convention).
+        reward: a :class:`~lightning_nft.rewards.Reward` (one float per sample).
+        objective: what a minibatch of rollouts costs (NFT, Adjoint Matching, GRPO).
+        sample_shape: the shape ``S`` of one sample, e.g. ``[2]`` or ``[1, 8, 8]``.
+        conditions: ``callable(n_groups, generator) -> cond`` giving one condition per group
+            (``None``: unconditional; groups are then just independent batches).
+        groups_per_round, group_size: ``P`` conditions and ``K`` samples each, per rank and round.
+        steps_per_round: gradient steps per round on the round's rollouts.
+        minibatch_size: rollouts per gradient step (``None``: ``N / steps_per_round``, a partition).
+        solver, n_sample_steps, time_shift: rollout sampler (default: the objective's, else Euler)
+            on ``time_grid(n_sample_steps, shift=time_shift)``.
+        normalizer: raw rewards -> advantages and optimality probabilities ``r``
+            (default ``RewardNormalizer()``: group-centred, clipped).
+        lr, weight_decay: AdamW on the trainable parameters.
+        lora: inject LoRA adapters (reference = adapters off, old = second adapter).
+        rollout_seed: rollout noise of rank ``k`` in round ``e`` comes from a generator seeded by
+            ``(rollout_seed, k, e)``, so ranks differ and a resumed run draws the same rollouts.
+        predict_samples, predict_seed, predict_batch_size, predict_policy: what ``predict`` samples.
+        default_callbacks: add ``OnlineRollout`` and ``EMAOldPolicy`` when the trainer lacks them.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        reward: Reward,
+        objective: Objective,
+        sample_shape: Sequence[int] = (2,),
+        conditions: Optional[ConditionSampler] = None,
+        groups_per_round: int = 8,
+        group_size: int = 16,
+        steps_per_round: int = 1,
+        minibatch_size: Optional[int] = None,
+        solver: Optional[Solver] = None,
+        n_sample_steps: int = 20,
+        time_shift: float = 1.0,
+        normalizer: Optional[Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]] = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        lora: Optional[LoraSettings] = None,
+        rollout_seed: int = 0,
+        predict_samples: int = 1000,
+        predict_seed: int = 0,
+        predict_batch_size: int = 500,
+        predict_policy: PolicyRole = "current",
+        default_callbacks: bool = True,
+    ) -> None:
+        super().__init__()
+        if groups_per_round < 1 or group_size < 1 or steps_per_round < 1:
+            raise ValueError("groups_per_round, group_size and steps_per_round must be positive")
+        self.save_hyperparameters(ignore=["backbone", "reward", "objective", "conditions", "solver", "normalizer"])
+        from lightning_nft.advantages import RewardNormalizer
+
+        if lora is not None:
+            backbone = add_lora(backbone, lora.target_modules, lora.rank, lora.alpha, lora.dropout)
+        self.uses_lora = has_lora(backbone)
+        self.backbone = backbone
+        self.reward = reward.requires_grad_(False) if isinstance(reward, nn.Module) else reward
+        self.objective = objective
+        self.sample_shape = tuple(int(s) for s in sample_shape)
+        self.conditions = conditions
+        self.solver = solver
+        self.normalizer = normalizer if normalizer is not None else RewardNormalizer()
+        if self.uses_lora:
+            names = {n for n, _ in backbone.named_parameters()}
+            if not any(f".{OLD_ADAPTER}." in n for n in names):
+                raise ValueError("a LoRA backbone needs a second adapter named 'old' (use lora=LoraSettings(...))")
+            self.old_backbone = None
+            self.reference_backbone = None
+        else:
+            self.old_backbone = _frozen_copy(backbone) if objective.needs_old_policy else None
+            self.reference_backbone = _frozen_copy(backbone)
+        self.kl_anchor_weight = 0.0  # set by the KLAnchor callback
+        self.rollouts: Optional[RolloutBatch] = None
+        self.rollout_version = 0
+        self._minibatch_order: Optional[Tensor] = None
+
+    # ------------------------------------------------------------------ policy interface
+    def forward(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        return self.backbone(x, t, cond)
+
+    def velocity(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        """Current policy ``v_theta`` (differentiable in parameters and ``x``)."""
+        return self.backbone(x, t, cond)
+
+    def old_velocity(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        """Old policy ``v_old``: no parameter gradients (differentiable in ``x``)."""
+        if self.uses_lora:
+            with active_adapter(self.backbone, OLD_ADAPTER):
+                return self.backbone(x, t, cond)
+        if self.old_backbone is None:
+            raise RuntimeError(f"{type(self.objective).__name__} keeps no old policy (needs_old_policy=False)")
+        return self.old_backbone(x, t, cond)
+
+    def reference_velocity(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        """Frozen initial model ``v_ref``: no parameter gradients (differentiable in ``x``)."""
+        if self.uses_lora:
+            with adapters_disabled(self.backbone):
+                return self.backbone(x, t, cond)
+        return self.reference_backbone(x, t, cond)
+
+    def policy_velocity(self, policy: PolicyRole) -> Callable[[Tensor, Tensor, Any], Tensor]:
+        return {"current": self.velocity, "old": self.old_velocity, "reference": self.reference_velocity}[policy]
+
+    def sample_times(self) -> Tensor:
+        """The rollout time grid ``(n_sample_steps + 1,)``."""
+        return time_grid(self.hparams.n_sample_steps, shift=self.hparams.time_shift, device=self.device)
+
+    def rollout_solver(self) -> Solver:
+        return self.solver or self.objective.default_solver() or EulerSolver()
+
+    @torch.no_grad()
+    def sample(self, x0: Tensor, cond: Any = None, *, policy: PolicyRole = "current", solver: Optional[Solver] = None,
+               times: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
+               return_trajectory: bool = False, return_log_probs: bool = False) -> SampleOutput:
+        """Integrate ``policy`` from noise ``x0 (B, *S)`` at ``t = 0`` to samples at ``t = 1``."""
+        solver = solver or self.solver or EulerSolver()
+        times = self.sample_times() if times is None else times
+        return solver.sample(self.policy_velocity(policy), x0, times.to(x0), cond, generator=generator,
+                             return_trajectory=return_trajectory, return_log_probs=return_log_probs)
+
+    # ------------------------------------------------------------------ parameter pairs for callbacks
+    def old_policy_pairs(self) -> tuple[list[Tensor], list[Tensor]]:
+        """``(old params, current params)`` matched one to one (EMA of the old policy)."""
+        if self.uses_lora:
+            return adapter_parameter_pairs(self.backbone)
+        if self.old_backbone is None:
+            return [], []
+        return list(self.old_backbone.parameters()), list(self.backbone.parameters())
+
+    def reference_pairs(self) -> tuple[list[Tensor], list[Tensor]]:
+        """``(reference params, current params)`` (empty with LoRA: the reference is adapters-off)."""
+        if self.uses_lora:
+            return [], []
+        return list(self.reference_backbone.parameters()), list(self.backbone.parameters())
+
+    @torch.no_grad()
+    def update_old_policy(self, decay: float) -> None:
+        """``old <- decay * old + (1 - decay) * current`` with ``torch._foreach_lerp_`` (works on shards)."""
+        old, cur = self.old_policy_pairs()
+        if old:
+            torch._foreach_lerp_(old, cur, 1.0 - float(decay))
+
+    @torch.no_grad()
+    def snapshot_reference(self) -> None:
+        """``reference <- current`` (full fine-tuning; a no-op with LoRA)."""
+        ref, cur = self.reference_pairs()
+        if ref:
+            torch._foreach_copy_(ref, cur)
+
+    # ------------------------------------------------------------------ override points
+    def sample_conditions(self, n_groups: int, generator: torch.Generator) -> Any:
+        """One condition per group (``None`` for unconditional models)."""
+        return None if self.conditions is None else self.conditions(n_groups, generator)
+
+    def rollout(self, x0: Tensor, cond: Any, generator: torch.Generator) -> SampleOutput:
+        """Sample the round's rollouts from the objective's sampling policy."""
+        return self.sample(x0, cond, policy=self.objective.sampling_policy, solver=self.rollout_solver(),
+                           generator=generator, return_trajectory=self.objective.needs_trajectory,
+                           return_log_probs=self.objective.needs_log_probs)
+
+    @torch.no_grad()
+    def compute_rewards(self, x1: Tensor, cond: Any) -> Tensor:
+        """Raw rewards ``(N,)``; non-finite values raise, naming the sample."""
+        rewards = self.reward(x1, cond).detach().float().reshape(-1)
+        if rewards.shape[0] != x1.shape[0]:
+            raise ValueError(f"reward returned {rewards.shape[0]} values for {x1.shape[0]} samples")
+        check_finite_rewards(rewards)
+        return rewards
+
+    def compute_loss(self, batch: RolloutBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """Loss of a minibatch of rollouts (the objective's)."""
+        return self.objective.loss(self, batch)
+
+    # ------------------------------------------------------------------ rollouts
+    def set_rollouts(self, rollouts: RolloutBatch, generator: Optional[torch.Generator] = None) -> None:
+        """Keep ``rollouts`` for the coming gradient steps (called by ``OnlineRollout``)."""
+        self.rollouts = rollouts
+        self.rollout_version += 1
+        self._minibatch_order = torch.randperm(len(rollouts), generator=generator)
+        self._minibatch_cursor = 0
+
+    def next_minibatch(self) -> RolloutBatch:
+        if self.rollouts is None:
+            raise RuntimeError(
+                "no rollouts for this round: the trainer needs the OnlineRollout callback "
+                "(added by default unless default_callbacks=False)"
+            )
+        n = len(self.rollouts)
+        size = self.hparams.minibatch_size or max(1, n // self.hparams.steps_per_round)
+        size = min(size, n)
+        start = self._minibatch_cursor % n
+        idx = self._minibatch_order[start:start + size]
+        if idx.numel() < size:  # wrap around
+            idx = torch.cat([idx, self._minibatch_order[: size - idx.numel()]])
+        self._minibatch_cursor = start + size
+        return self.rollouts.index(idx)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.objective.setup(self)
+
+    def configure_callbacks(self):
+        if not self.hparams.default_callbacks:
+            return []
+        from lightning_nft.callbacks import EMAOldPolicy, OnlineRollout
+
+        present = self.trainer.callbacks if self._trainer is not None else []
+        wanted = [OnlineRollout]
+        if self.objective.needs_old_policy:
+            wanted.append(EMAOldPolicy)
+        return [cls() for cls in wanted if not any(isinstance(c, cls) for c in present)]
+
+    def train_dataloader(self) -> DataLoader:
+        """One item per gradient step of a round: an epoch of Lightning is one online round."""
+        return DataLoader(torch.arange(self.hparams.steps_per_round), batch_size=1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss, logs = self.compute_loss(self.next_minibatch())
+        self.log("train/loss", loss, prog_bar=True)
+        for k, v in logs.items():
+            self.log(f"train/{k}", v)
+        return loss
+
+    def predict_dataloader(self) -> DataLoader:
+        ds = NoiseDataset(self.hparams.predict_samples, self.sample_shape, self.hparams.predict_seed)
+        return DataLoader(ds, batch_size=self.hparams.predict_batch_size)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        x0 = batch["x0"]
+        g = torch.Generator(device="cpu").manual_seed(self.hparams.predict_seed + 7919 * (batch_idx + 1))
+        cond = self.sample_conditions(x0.shape[0], g)
+        x1 = self.sample(x0, cond, policy=self.hparams.predict_policy).samples
+        return {"samples": x1, "rewards": self.compute_rewards(x1, cond)}
+
+    def configure_optimizers(self):
+        params = [p for p in self.backbone.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the backbone has no trainable parameters")
+        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    twin = copy.deepcopy(module)
+    twin.requires_grad_(False)
+    return twin
+
+
+def repeat_condition(cond: Any, repeats: int) -> Any:
+    """Repeat each of the ``P`` group conditions ``repeats`` times (``N = P * K`` rows)."""
+    if cond is None:
+        return None
+    if isinstance(cond, Tensor):
+        return cond.repeat_interleave(repeats, dim=0)
+    n = len(cond[next(iter(cond))]) if isinstance(cond, dict) else len(cond)
+    idx = torch.arange(n).repeat_interleave(repeats)
+    return index_condition(cond, idx)

@@ -1,0 +1,90 @@
+"""The rollout buffer of one online round.
+
+One round (``../shared/DESIGN.md``, "Architecture") samples ``K`` outputs for each of ``P``
+conditions from the sampling policy, scores them, normalises the rewards within each group and
+keeps everything for the round's gradient steps. Shapes use ``N = P * K`` on this rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+
+def index_condition(cond: Any, idx: Tensor) -> Any:
+    """Select rows ``idx`` of a condition: a tensor, a dict/list/tuple of tensors, or ``None``."""
+    if cond is None:
+        return None
+    if isinstance(cond, Tensor):
+        return cond[idx.to(cond.device)]
+    if isinstance(cond, dict):
+        return {k: index_condition(v, idx) for k, v in cond.items()}
+    if isinstance(cond, (list, tuple)):
+        if cond and isinstance(cond[0], Tensor):
+            return type(cond)(index_condition(c, idx) for c in cond)
+        return [cond[i] for i in idx.tolist()]
+    raise TypeError(f"cannot index a condition of type {type(cond).__name__}")
+
+
+@dataclass
+class RolloutBatch:
+    """Samples of one round and everything the objectives need about them.
+
+    Attributes:
+        x1: final samples ``(N, *S)``.
+        rewards: raw rewards ``(N,)``.
+        advantages: group-normalised (and clipped) advantages ``(N,)``.
+        r: optimality probabilities in ``[0, 1]`` ``(N,)`` (DiffusionNFT).
+        group: group index of each sample ``(N,)`` (unique across ranks).
+        cond: the condition of each sample (``N`` rows) or ``None``.
+        x0: the starting noise ``(N, *S)``.
+        trajectory: states on the sampler grid ``(T+1, N, *S)`` when kept.
+        times: the sampler grid ``(T+1,)`` when a trajectory is kept.
+        log_probs: per-step Gaussian transition log-probabilities ``(T, N)`` (SDE samplers).
+    """
+
+    x1: Tensor
+    rewards: Tensor
+    advantages: Tensor
+    r: Tensor
+    group: Tensor
+    cond: Any = None
+    x0: Optional[Tensor] = None
+    trajectory: Optional[Tensor] = None
+    times: Optional[Tensor] = None
+    log_probs: Optional[Tensor] = None
+
+    def __len__(self) -> int:
+        return self.x1.shape[0]
+
+    def index(self, idx: Tensor) -> "RolloutBatch":
+        """The rows ``idx`` of every per-sample field (the grid ``times`` is shared)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "times" or v is None:
+                out[f.name] = v
+            elif f.name == "cond":
+                out[f.name] = index_condition(v, idx)
+            elif f.name in ("trajectory", "log_probs"):
+                out[f.name] = v[:, idx.to(v.device)]
+            else:
+                out[f.name] = v[idx.to(v.device)]
+        return RolloutBatch(**out)
+
+    def to(self, device: torch.device) -> "RolloutBatch":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k, v in moved.items():
+            if isinstance(v, Tensor):
+                moved[k] = v.to(device)
+        return replace(self, **moved)
+
+    def minibatches(self, n_minibatches: int, generator: Optional[torch.Generator] = None) -> list[Tensor]:
+        """A random partition of ``range(N)`` into ``n_minibatches`` index tensors of (nearly) equal size."""
+        if n_minibatches < 1 or n_minibatches > len(self):
+            raise ValueError(f"cannot split {len(self)} rollouts into {n_minibatches} minibatches")
+        perm = torch.randperm(len(self), generator=generator)
+        return list(perm.chunk(n_minibatches))
