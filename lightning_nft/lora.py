@@ -10,6 +10,7 @@ one forward pass only.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator, Sequence
 
 from torch import nn
@@ -35,12 +36,14 @@ def add_lora(model: nn.Module, target_modules: Sequence[str], rank: int = 8, alp
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                      init_lora_weights=init_lora_weights)
     model = inject_adapter_in_model(cfg, model, adapter_name=TRAIN_ADAPTER)
-    model = inject_adapter_in_model(cfg, model, adapter_name=OLD_ADAPTER)
+    with warnings.catch_warnings():  # peft warns that a second adapter joins the first: that is the point
+        warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+        model = inject_adapter_in_model(cfg, model, adapter_name=OLD_ADAPTER)
     for layer in _tuner_layers(model):
         layer.set_adapter(TRAIN_ADAPTER)  # active + trainable: default only
     for name, p in model.named_parameters():
         p.requires_grad_(f".{TRAIN_ADAPTER}." in name)
-    for old, cur in adapter_parameter_pairs(model):
+    for old, cur in zip(*adapter_parameter_pairs(model)):
         old.data.copy_(cur.data)
     return model
 
