@@ -85,8 +85,7 @@ class OnlineRollout(Callback):
         mine = slice(rank * P * K, (rank + 1) * P * K) if world > 1 else slice(None)
         batch = RolloutBatch(
             x1=out.samples, rewards=rewards, advantages=adv[mine].to(rewards), r=r[mine].to(rewards), group=group,
-            cond=cond, x0=x0, trajectory=out.trajectory, times=out.times if out.trajectory is not None or
-            out.log_probs is not None else None, log_probs=out.log_probs,
+            cond=cond, x0=x0, trajectory=out.trajectory, times=out.times, log_probs=out.log_probs,
         )
         pl_module.set_rollouts(batch, generator=g)
         return batch

@@ -1,5 +1,18 @@
-"""Objectives: pure loss functions on tensors (no Lightning inside) and small wiring classes."""
+"""Objectives: pure loss functions on tensors (no Lightning inside) and the classes that wire them.
 
+Choose one in YAML as ``model.init_args.objective`` (``class_path`` + ``init_args``).
+"""
+
+from lightning_nft.objectives.base import Objective
 from lightning_nft.objectives.flow_matching import flow_matching_inputs, flow_matching_loss
+from lightning_nft.objectives.nft import NFTObjective, kl_anchor_penalty, nft_loss, nft_pointwise_optimum
 
-__all__ = ["flow_matching_loss", "flow_matching_inputs"]
+__all__ = [
+    "Objective",
+    "NFTObjective",
+    "nft_loss",
+    "kl_anchor_penalty",
+    "nft_pointwise_optimum",
+    "flow_matching_loss",
+    "flow_matching_inputs",
+]
