@@ -464,6 +464,16 @@ class HeunSolver(Solver):
         return x + 0.5 * h * (v + v_next)
 
 
+def _standard_normal(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    """``N(0, I)`` noise shaped like ``x``, drawn on the generator's device and moved to ``x``'s.
+
+    Rollout callbacks seed CPU generators (one per rank and round), which CUDA sampling refuses;
+    drawing on the generator's device keeps the stream identical on every device.
+    """
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
 class SDESolver(Solver):
     r"""Generative SDE ``dX = [(1 + c t) v - c X] dt + sigma dB`` (module docstring; seed 004).
 
@@ -509,7 +519,7 @@ class SDESolver(Solver):
 
     def step(self, velocity, x, t, t_next, cond=None, *, generator=None):
         mean, std = self.transition(velocity, x, t, t_next, cond)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = _standard_normal(x, generator)
         return mean + expand_like(std, x) * noise
 
     def _check_log_probs_defined(self) -> None:
@@ -521,7 +531,7 @@ class SDESolver(Solver):
 
     def _step_with_log_prob(self, velocity, x, t, t_next, cond, generator):
         mean, std = self.transition(velocity, x, t, t_next, cond)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = _standard_normal(x, generator)
         x_next = mean + expand_like(std, x) * noise
         return x_next, gaussian_log_prob(x_next, mean, std)
 

@@ -30,6 +30,8 @@ class Objective:
         needs_log_probs: keep per-step Gaussian log-probabilities ``(T, N)`` (SDE solvers only).
         needs_reward_gradient: the reward must be differentiable (checked at set-up).
         needs_old_policy: the module keeps an old policy (EMA copy or second LoRA adapter).
+        default_ema_decay: decay of the ``EMAOldPolicy`` the module adds when the trainer has none
+            (GRPO wants ``0``: its ratio is against the policy that sampled).
     """
 
     sampling_policy: Literal["old", "current"] = "old"
@@ -37,6 +39,7 @@ class Objective:
     needs_log_probs: bool = False
     needs_reward_gradient: bool = False
     needs_old_policy: bool = True
+    default_ema_decay: float = 0.5
 
     def default_solver(self) -> Optional[Solver]:
         """The solver used for rollouts when the module is given none (``None``: Euler ODE)."""
