@@ -1,0 +1,16 @@
+"""Data modules, datasets and real-data helpers."""
+
+from lightning_nft.data.digits import DigitsDataModule, DigitsDataset, load_digit_images, split_indices
+from lightning_nft.data.gmm import GaussianMixtureDataModule
+from lightning_nft.data.noise import NoiseDataset
+from lightning_nft.data.references import DigitsReference
+
+__all__ = [
+    "GaussianMixtureDataModule",
+    "NoiseDataset",
+    "DigitsDataModule",
+    "DigitsDataset",
+    "DigitsReference",
+    "load_digit_images",
+    "split_indices",
+]

@@ -1,0 +1,73 @@
+"""Saving and loading small models as safetensors, and a callback that exports after ``fit``.
+
+A file holds the module's ``state_dict`` (float tensors, contiguous) and string metadata; the
+architecture's constructor arguments go in ``metadata["config"]`` as JSON so a loader can rebuild
+the module without pickles. Package data is read through :mod:`importlib.resources`.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+import os
+from importlib import resources
+from typing import Any, Dict, Optional, Tuple
+
+import lightning.pytorch as pl
+from torch import Tensor, nn
+
+
+def save_module_safetensors(module: nn.Module, path: str, metadata: Optional[Dict[str, Any]] = None) -> str:
+    """Write ``module.state_dict()`` to ``path``; ``module.config()`` (if defined) goes to ``metadata["config"]``."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    if hasattr(module, "config") and callable(module.config):
+        meta["config"] = json.dumps(module.config())
+    meta.setdefault("class", type(module).__name__)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    save_file(tensors, path, metadata=meta)
+    os.chmod(path, 0o644)  # safetensors writes 0600; package data must be world-readable
+    return path
+
+
+def read_safetensors(path: Optional[str] = None, asset: Optional[str] = None) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+    """Read ``(tensors, metadata)`` from a file ``path`` or from package data ``lightning_nft/assets/<asset>``."""
+    from safetensors import safe_open
+
+    if path is None and asset is None:
+        raise ValueError("give a path or an asset name")
+    source = resources.files("lightning_nft").joinpath("assets", asset) if path is None else path
+    with resources.as_file(source) if path is None else nullcontext(path) as file:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = dict(f.metadata() or {})
+    return tensors, metadata
+
+
+def config_from_metadata(metadata: Dict[str, str]) -> Dict[str, Any]:
+    return json.loads(metadata["config"]) if "config" in metadata else {}
+
+
+class ExportSafetensors(pl.Callback):
+    """At the end of ``fit``, write ``getattr(pl_module, attribute)`` as safetensors to ``path`` (rank 0 only).
+
+    ``attribute`` is a dotted path to a submodule (``"net"``, ``"backbone"``, ``"policy.backbone"``);
+    an empty string exports the whole LightningModule.
+    """
+
+    def __init__(self, path: str, attribute: str = "net") -> None:
+        super().__init__()
+        self.path = path
+        self.attribute = attribute
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        module: nn.Module = pl_module
+        for name in filter(None, self.attribute.split(".")):
+            module = getattr(module, name)
+        save_module_safetensors(module, self.path, metadata={"epochs": trainer.current_epoch, "steps": trainer.global_step})
+        print(f"exported {type(module).__name__} weights to {self.path}")

@@ -1,0 +1,23 @@
+"""Rewards: the protocol and built-in rewards."""
+
+from lightning_nft.rewards.base import (
+    LinearReward,
+    Reward,
+    SigmoidReward,
+    check_finite_rewards,
+    require_differentiable,
+)
+from lightning_nft.rewards.classifier import DigitClassifierReward
+from lightning_nft.rewards.jpeg import JpegCompressibility
+from lightning_nft.rewards.multi import MultiReward
+
+__all__ = [
+    "Reward",
+    "LinearReward",
+    "SigmoidReward",
+    "check_finite_rewards",
+    "require_differentiable",
+    "DigitClassifierReward",
+    "JpegCompressibility",
+    "MultiReward",
+]
