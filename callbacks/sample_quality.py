@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from lightning_nft.callbacks._sampling import fixed_noise_samples, run_directory
+from lightning_nft.data.references import ReferenceSet
 from lightning_nft.metrics import DiversityMetric, FrechetDistanceMetric, mean_pairwise_distance
 
 
@@ -28,11 +29,11 @@ class SampleQuality(Callback):
 
     Args:
         feature_extractor: ``nn.Module`` mapping samples ``(B, *S)`` to features ``(B, D)``.
-        reference: callable returning reference samples ``(M, *S)`` (e.g. real digits of the
-            target class, ``lightning_nft.data.references.DigitsReference(label=3)``).
+        reference: a :class:`~lightning_nft.data.references.ReferenceSet` returning real samples
+            ``(M, *S)`` (e.g. the real digits of the target class, ``DigitsReference(label=3)``).
     """
 
-    def __init__(self, feature_extractor: nn.Module, reference: Optional[Callable[[], Tensor]] = None,
+    def __init__(self, feature_extractor: nn.Module, reference: Optional[ReferenceSet] = None,
                  n_samples: int = 256, seed: int = 1234, every_n_rounds: int = 1,
                  plot_filename: Optional[str] = "reward_vs_diversity.png", output_dir: Optional[str] = None) -> None:
         self.feature_extractor = feature_extractor.eval().requires_grad_(False)

@@ -3,7 +3,7 @@
 from lightning_nft.data.digits import DigitsDataModule, DigitsDataset, load_digit_images, split_indices
 from lightning_nft.data.gmm import GaussianMixtureDataModule
 from lightning_nft.data.noise import NoiseDataset
-from lightning_nft.data.references import DigitsReference
+from lightning_nft.data.references import DigitsReference, ReferenceSet
 
 __all__ = [
     "GaussianMixtureDataModule",
@@ -11,6 +11,7 @@ __all__ = [
     "DigitsDataModule",
     "DigitsDataset",
     "DigitsReference",
+    "ReferenceSet",
     "load_digit_images",
     "split_indices",
 ]
