@@ -23,6 +23,8 @@ class EMAOldPolicy(Callback):
     The update is ``torch._foreach_lerp_`` over the module's matched parameter lists
     (``pl_module.old_policy_pairs()``: a frozen copy, or the ``old`` LoRA adapter), so it runs on
     sharded parameters without gathering them. The number of updates is checkpointed.
+    ``old_policy/ema_decay`` is logged when the decay changes (every round of a ramp, once for a
+    constant), not every round: a ``self.log`` costs Lightning a fixed ~0.1-0.5 ms on CPU.
     """
 
     def __init__(self, schedule: str = "constant", decay: float = 0.5, ramp_rate: float = 0.05,
@@ -36,6 +38,7 @@ class EMAOldPolicy(Callback):
             raise ValueError("ramp_rate must be non-negative")
         self.schedule, self.decay, self.ramp_rate, self.max_decay = schedule, decay, ramp_rate, max_decay
         self.updates = 0
+        self._logged_decay: float | None = None
 
     def current_decay(self) -> float:
         if self.schedule == "constant":
@@ -46,7 +49,9 @@ class EMAOldPolicy(Callback):
         d = self.current_decay()
         pl_module.update_old_policy(d)
         self.updates += 1
-        pl_module.log("old_policy/ema_decay", d)
+        if d != self._logged_decay:
+            pl_module.log("old_policy/ema_decay", d)
+            self._logged_decay = d
 
     def state_dict(self) -> dict[str, Any]:
         return {"updates": self.updates}

@@ -7,6 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_nft.paths import interpolate
 
@@ -20,6 +21,10 @@ class KLAnchor(Callback):
     converge to a tilt set by ``eta0`` alone. In velocity space the KL between two flows with the
     same noise is controlled by their squared velocity difference, which is the form used here
     (and by the public DiffusionNFT release).
+
+    The weight is part of the callback's checkpointed state: resuming restores the checkpoint's
+    weight (with a warning when the constructor's differs) and hands it to the module at fit start,
+    after the restore, so the loss and the callback always agree.
 
     At fit start (not on resume: then the checkpoint restores it) the reference is snapshotted
     from the current weights — a frozen copy for full fine-tuning; with LoRA the reference is the
@@ -40,6 +45,7 @@ class KLAnchor(Callback):
         pl_module.kl_anchor_weight = self.weight
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.kl_anchor_weight = self.weight  # after a checkpoint restore, the restored weight
         if trainer.ckpt_path is None:
             pl_module.snapshot_reference()
 
@@ -68,4 +74,9 @@ class KLAnchor(Callback):
         return {"weight": self.weight}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.weight = float(state_dict["weight"])
+        restored = float(state_dict["weight"])
+        if restored != self.weight:
+            rank_zero_warn(
+                f"KLAnchor: resuming with the checkpoint's weight {restored} (this callback was built with {self.weight})"
+            )
+        self.weight = restored

@@ -34,13 +34,13 @@ Override points for subclasses: :meth:`sample_conditions`, :meth:`rollout`,
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_nft.data.noise import NoiseDataset
 from lightning_nft.lora import (
@@ -88,11 +88,18 @@ class RewardFineTuningModule(pl.LightningModule):
         normalizer: raw rewards -> advantages and optimality probabilities ``r``
             (default ``RewardNormalizer()``: group-centred, clipped).
         lr, weight_decay: AdamW on the trainable parameters.
-        lora: inject LoRA adapters (reference = adapters off, old = second adapter).
+        lora: inject LoRA adapters (reference = adapters off, old = second adapter); a ``LoraSettings``
+            or the dict of its fields (kept as a dict in the hyper-parameters, so checkpoints load
+            with ``weights_only=True``).
         rollout_seed: rollout noise of rank ``k`` in round ``e`` comes from a generator seeded by
             ``(rollout_seed, k, e)``, so ranks differ and a resumed run draws the same rollouts.
         predict_samples, predict_seed, predict_batch_size, predict_policy: what ``predict`` samples.
         default_callbacks: add ``OnlineRollout`` and ``EMAOldPolicy`` when the trainer lacks them.
+        step_metrics: ``True`` logs ``train/loss`` and the objective's diagnostics at every gradient
+            step. ``False`` (default) logs their means over the round once per round, under the
+            same names: one ``self.log`` per name and round instead of one per step, which matters
+            when a gradient step is cheap (each ``self.log`` costs Lightning a fixed ~0.1-0.5 ms on
+            CPU; ``benchmarks/nft_overhead.py``).
     """
 
     def __init__(
@@ -112,18 +119,31 @@ class RewardFineTuningModule(pl.LightningModule):
         normalizer: Optional[Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]] = None,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
-        lora: Optional[LoraSettings] = None,
+        lora: Optional[LoraSettings | dict] = None,
         rollout_seed: int = 0,
         predict_samples: int = 1000,
         predict_seed: int = 0,
         predict_batch_size: int = 500,
         predict_policy: PolicyRole = "current",
         default_callbacks: bool = True,
+        step_metrics: bool = False,
     ) -> None:
         super().__init__()
         if groups_per_round < 1 or group_size < 1 or steps_per_round < 1:
             raise ValueError("groups_per_round, group_size and steps_per_round must be positive")
-        self.save_hyperparameters(ignore=["backbone", "reward", "objective", "conditions", "solver", "normalizer"])
+        substeps = int(getattr(objective, "substeps", 1))
+        if steps_per_round < substeps:
+            raise ValueError(
+                f"steps_per_round={steps_per_round} is smaller than the objective's substeps={substeps}: "
+                "every sub-round of multi-step NFT needs at least one gradient step"
+            )
+        if isinstance(lora, dict):  # as stored in checkpoints' hyper-parameters (load_from_checkpoint)
+            lora = LoraSettings(**lora)
+        self.save_hyperparameters(
+            ignore=["backbone", "reward", "objective", "conditions", "solver", "normalizer", "lora"]
+        )
+        # a plain dict, not the dataclass: Lightning loads checkpoints with torch.load(weights_only=True)
+        self.hparams["lora"] = asdict(lora) if lora is not None else None
         from lightning_nft.advantages import RewardNormalizer
 
         if lora is not None:
@@ -149,6 +169,8 @@ class RewardFineTuningModule(pl.LightningModule):
         self.rollouts: Optional[RolloutBatch] = None
         self.rollout_version = 0
         self._minibatch_order: Optional[Tensor] = None
+        self._round_sums: dict[str, Tensor] = {}
+        self._round_steps = 0
 
     # ------------------------------------------------------------------ policy interface
     def forward(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
@@ -285,18 +307,45 @@ class RewardFineTuningModule(pl.LightningModule):
         wanted = [OnlineRollout]
         if self.objective.needs_old_policy:
             wanted.append(EMAOldPolicy)
-        return [cls() for cls in wanted if not any(isinstance(c, cls) for c in present)]
+        missing = [cls for cls in wanted if not any(isinstance(c, cls) for c in present)]
+        return [EMAOldPolicy(decay=self.objective.default_ema_decay) if cls is EMAOldPolicy else cls() for cls in missing]
 
     def train_dataloader(self) -> DataLoader:
-        """One item per gradient step of a round: an epoch of Lightning is one online round."""
-        return DataLoader(torch.arange(self.hparams.steps_per_round), batch_size=1)
+        """One item per gradient step of a round: an epoch of Lightning is one online round.
+
+        The items are only step counters (the data are the rollouts). Every rank must run all
+        ``steps_per_round`` steps on its own rollouts, so the loader carries a one-replica
+        ``DistributedSampler``: Lightning then injects no sampler of its own, which would split the
+        steps among the ranks (``world_size`` times fewer steps per round).
+        """
+        steps = torch.arange(self.hparams.steps_per_round)
+        return DataLoader(steps, batch_size=1, sampler=DistributedSampler(steps, num_replicas=1, rank=0, shuffle=False))
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss, logs = self.compute_loss(self.next_minibatch())
-        self.log("train/loss", loss, prog_bar=True)
-        for k, v in logs.items():
-            self.log(f"train/{k}", v)
+        if self.hparams.step_metrics:
+            self.log("train/loss", loss, prog_bar=True)
+            for k, v in logs.items():
+                self.log(f"train/{k}", v)
+        else:  # round means, logged in on_train_epoch_end
+            for k, v in (("loss", loss), *logs.items()):
+                v = torch.as_tensor(v).detach().float()
+                self._round_sums[k] = self._round_sums[k] + v if k in self._round_sums else v
+            self._round_steps += 1
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        if self._round_sums:
+            for k, total in self._round_sums.items():
+                self.log(f"train/{k}", total / self._round_steps, prog_bar=k == "loss", sync_dist=True)
+        self._round_sums, self._round_steps = {}, 0
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints carry the rollout counter (old policy and reference are submodules: in the state dict)."""
+        checkpoint["lightning_nft"] = {"rollout_version": self.rollout_version}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.rollout_version = int(checkpoint.get("lightning_nft", {}).get("rollout_version", 0))
 
     def predict_dataloader(self) -> DataLoader:
         ds = NoiseDataset(self.hparams.predict_samples, self.sample_shape, self.hparams.predict_seed)

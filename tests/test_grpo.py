@@ -159,7 +159,7 @@ class _RatioRecorder(Callback):
 
 def _fit_and_record(decay: float, epochs: int = 3) -> _RatioRecorder:
     pl.seed_everything(0)
-    module = _module(GRPOObjective(clip_range=0.2))
+    module = _module(GRPOObjective(clip_range=0.2), step_metrics=True)  # per-step diagnostics
     rec = _RatioRecorder()
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
