@@ -3,13 +3,17 @@
 Choose one in YAML as ``model.init_args.objective`` (``class_path`` + ``init_args``).
 """
 
+from lightning_nft.objectives.adjoint_matching_objective import AdjointMatchingObjective
 from lightning_nft.objectives.base import Objective
 from lightning_nft.objectives.flow_matching import flow_matching_inputs, flow_matching_loss
+from lightning_nft.objectives.grpo import GRPOObjective
 from lightning_nft.objectives.nft import NFTObjective, kl_anchor_penalty, nft_loss, nft_pointwise_optimum
 
 __all__ = [
     "Objective",
     "NFTObjective",
+    "AdjointMatchingObjective",
+    "GRPOObjective",
     "nft_loss",
     "kl_anchor_penalty",
     "nft_pointwise_optimum",

@@ -1,0 +1,128 @@
+"""Adjoint Matching on a Gaussian mixture: achieved tilt against the number of solver steps.
+
+Two tables, on the mixture of ``tests/test_adjoint_matching.py`` (weights 0.5 / 0.3 / 0.2, means
+(-2, 0), (0, 1), (2, 0), std 0.45, reward ``r(x) = x_1``, requested ``lam = 0.6``):
+
+1. **Target bias at the optimum** (cheap, no training). Paths of the exact tilted field's memoryless
+   SDE (``SDESolver(MemorylessNoise())``) on a uniform ``T``-step grid, started at grid time ``t`` from
+   ``M`` points drawn from the tilted marginal, ``N`` paths each; the lean adjoint of each ``scheme``
+   gives the Monte-Carlo regression target ``E[v_base - eta_t a | X_t = x] - v_base``; the table shows
+   its least-squares ratio to the exact optimal control ``v* - v_base`` (1 = unbiased).
+2. **Achieved tilt after fine-tuning**: ``finetune_adjoint_matching`` of the tests (base + zero-initialised
+   residual MLP, rollouts on the ``T``-step grid, the same number of iterations for every ``T``), then
+   20k samples with the plain Euler ODE (100 steps): ``analytic.effective_tilt`` (slope of
+   ``log(w'_k / w_k)`` against ``a . m_k``) next to the requested ``lam``, the TV of the component
+   weights and the largest component-mean error, wall time and trajectories sampled.
+
+Run from the repository root (one thread; a few minutes on one CPU core)::
+
+    python benchmarks/am_tilt_vs_steps.py                       # both tables, scheme "right"
+    python benchmarks/am_tilt_vs_steps.py --schemes right,left,heun --steps 20,40
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import pathlib
+import time
+
+import torch
+
+from lightning_nft.analytic import GaussianMixture
+from lightning_nft.objectives.adjoint_matching import SCHEMES, lean_adjoint
+from lightning_nft.samplers import MemorylessNoise, SDESolver, time_grid
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load_test_helpers():
+    """The fine-tuning routine lives with its test (``tests/test_adjoint_matching.py``)."""
+    spec = importlib.util.spec_from_file_location("_am_tests", ROOT / "tests" / "test_adjoint_matching.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def target_bias(base, direction, lam, steps, schemes, fractions=(0.1, 0.3, 0.5, 0.7), m=60, n=300, seed=0):
+    """Table 1: ratio of the Monte-Carlo AM target to the exact optimal control (float64)."""
+    base = base.to(torch.float64)
+    direction = direction.to(torch.float64)
+    tilted = base.tilt(direction, lam)
+    solver = SDESolver(MemorylessNoise())
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for n_steps in steps:
+        times = time_grid(n_steps, dtype=torch.float64)
+        ratios = {s: [] for s in schemes}
+        for frac in fractions:
+            j = max(1, round(frac * n_steps))
+            sub = times[j:]
+            t = sub[0]
+            x1 = tilted.sample(m, generator=gen)
+            xs = t * x1 + (1 - t) * torch.randn(m, base.dim, generator=gen, dtype=torch.float64)
+            x0 = xs.repeat_interleave(n, 0)
+            out = solver.sample(tilted, x0, sub, generator=gen, return_trajectory=True)
+            term = (-lam * direction).expand_as(x0)
+            tv = t.expand(m)
+            control = tilted(xs, tv) - base(xs, tv)
+            for s in schemes:
+                a = lean_adjoint(base, out.trajectory, sub, term, scheme=s)[0].reshape(m, n, -1).mean(1)
+                est = -(1 - t) / t * a
+                ratios[s].append(float((est * control).sum() / (control * control).sum()))
+        rows.append((n_steps, [float(times[max(1, round(f * n_steps))]) for f in fractions], ratios))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", default="10,20,40,100", help="comma-separated numbers of solver steps")
+    parser.add_argument("--schemes", default="right", help=f"comma-separated lean-adjoint schemes from {SCHEMES}")
+    parser.add_argument("--bias-schemes", default="right,left,heun", help="schemes for table 1")
+    parser.add_argument("--iters", type=int, default=600, help="fine-tuning iterations (same for every T)")
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-bias", action="store_true")
+    parser.add_argument("--skip-finetune", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    helpers = _load_test_helpers()
+    steps = [int(s) for s in args.steps.split(",")]
+    lam = helpers.FT_LAM
+    base = GaussianMixture(helpers.FT_WEIGHTS, helpers.FT_MEANS, helpers.FT_STD)
+    direction = torch.tensor(helpers.FT_DIRECTION)
+    target = base.tilt(direction, lam)
+    tilted_weights = [round(float(w), 3) for w in target.weights]
+    print(f"mixture: weights {helpers.FT_WEIGHTS}, means {helpers.FT_MEANS}, std {helpers.FT_STD}; "
+          f"r(x) = {helpers.FT_DIRECTION} . x, lam = {lam}; exact tilted weights {tilted_weights}")
+
+    if not args.skip_bias:
+        schemes = args.bias_schemes.split(",")
+        t0 = time.time()
+        rows = target_bias(base, direction, lam, steps, schemes, seed=args.seed)
+        print("\nTable 1: AM regression target at the optimum / exact optimal control (1 = unbiased)")
+        for n_steps, ts, ratios in rows:
+            cells = "   ".join(f"{s}: " + " ".join(f"{r:.2f}" for r in ratios[s]) for s in schemes)
+            print(f"  T = {n_steps:4d}   t = {' / '.join(f'{t:.2f}' for t in ts)}   {cells}")
+        print(f"  ({time.time() - t0:.0f} s)")
+
+    if not args.skip_finetune:
+        print(f"\nTable 2: fine-tuned with {args.iters} iterations x {args.batch} trajectories; "
+              "20k Euler-ODE samples")
+        print(f"  {'T':>4} {'scheme':>6} {'lam':>5} {'achieved':>8} {'TV':>7} {'mean err':>8} {'wall s':>7} "
+              f"{'trajectories':>12}")
+        for scheme in args.schemes.split(","):
+            for n_steps in steps:
+                t0 = time.time()
+                model = helpers.finetune_adjoint_matching(
+                    base, direction, lam, n_steps=n_steps, iters=args.iters, batch=args.batch, scheme=scheme,
+                    seed=args.seed,
+                )
+                wall = time.time() - t0
+                got = helpers.measure_tilt(model, base, target, direction)
+                print(f"  {n_steps:4d} {scheme:>6} {lam:5.2f} {got['tilt']:8.3f} {got['tv']:7.4f} "
+                      f"{got['mean_err']:8.3f} {wall:7.1f} {args.iters * args.batch:12d}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

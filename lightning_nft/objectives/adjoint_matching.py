@@ -1,0 +1,504 @@
+"""Adjoint Matching (seed 004) for rectified flow, as pure functions on tensors.
+
+Conventions (``../shared/DESIGN.md``): ``x_t = (1 - t) x0 + t x1``, noise at ``t = 0``, data at
+``t = 1``; so ``alpha_t = t``, ``beta_t = 1 - t``, ``kappa_t = 1 / t`` and
+
+    eta_t = beta_t (kappa_t beta_t - beta_t') = (1 - t) / t,
+    sigma(t) = sqrt(2 eta_t)                                   (memoryless noise, seed 004),
+    b(x, t) = 2 v_base(x, t) - x / t                           (base drift),
+    b(x, t) + sigma(t) u(x, t) = 2 v_ft(x, t) - x / t          (fine-tuned drift),
+    u(x, t) = sqrt(2 / eta_t) (v_ft(x, t) - v_base(x, t))      (the control).
+
+Trajectories ``X`` are sampled (without gradient) from the fine-tuned memoryless SDE
+``dX = (2 v_ft - X / t) dt + sigma(t) dB``, ``X_0 ~ N(0, I)``. The *lean adjoint* solves, backwards,
+
+    d a / dt = -(grad_x b(X_t, t))^T a = a / t - 2 (grad_x v_base(X_t, t))^T a,
+    a(1) = grad g(X_1) = -lambda grad r(X_1)                   (terminal cost g = -lambda r),
+
+and the Adjoint Matching loss regresses ``|| u(X_t, t) + sigma(t) a(t) ||^2`` over the trajectory's
+times. Its unique critical point is the optimal control, whose fine-tuned model samples
+``p_base(x) exp(lambda r(x)) / Z`` (seed 004, "Memoryless generative processes"), with *any*
+sampler afterwards.
+
+Choices, and the known traps they answer (issue 4)
+--------------------------------------------------
+1. **The stiff ``x / t`` term (integrating factor).** ``grad_x b`` contains ``-I / t``; an explicit
+   Euler step of ``d a / dt = a / t`` from ``t_1`` to ``t_0 = 0`` has ``kappa dt = 1`` and is
+   wrong by O(1). We solve exactly for that part: with ``a~ = a / t`` the lean adjoint becomes
+
+       d a~ / dt = -2 (grad_x v_base)^T a~            (no 1/t left; ``grad v_base`` is bounded)
+
+   and ``a = t a~``. One backward step from ``t_{k+1}`` to ``t_k`` (``h = t_{k+1} - t_k``) is
+
+       a~_k = a~_{k+1} + 2 h J^T a~_{k+1},    a_k = t_k a~_k,
+       i.e. a_k = (t_k / t_{k+1}) (a_{k+1} + 2 h J^T a_{k+1}),
+
+   exact whenever ``v_base`` does not depend on ``x`` (then ``a(t) = t a(1)`` on any grid; tested)
+   and finite down to ``t_0 = 0`` (``a(0) = 0``, as in the continuous solution). The same variable
+   makes the loss target bounded: ``eta_t a = (1 - t) a~``.
+2. **Where the Jacobian is evaluated** (``scheme``). ``"right"`` (default, the paper's step):
+   ``J = grad_x v_base(X_{k+1}, t_{k+1})``, the later end of the step; ``"left"``: ``(X_k, t_k)``;
+   ``"heun"``: the trapezoid predictor-corrector over both ends. On deterministic paths (a Gaussian
+   base, where ``J`` depends on ``t`` only) Heun is second order and the Euler variants first order
+   (tested). Along SDE paths, however, ``J(X_t)`` is only Hölder-1/2 in ``t`` and is large where the
+   flow splits between modes, so no scheme beats first order and what matters is the bias of the
+   regression target ``E[v_base - eta_t a | X_t] - v_base`` against the optimal control, on the grid
+   actually used. ``benchmarks/am_tilt_vs_steps.py`` (table 1) measures it on the 3-component mixture
+   of the tests (ratio to the exact control, 1 = unbiased; at t = 0.1 / 0.3 / 0.5 / 0.7)::
+
+       T = 10    right 0.98 0.90 0.79 0.88   left 0.70 0.79 0.90 0.97   heun 1.33 1.37 1.26 1.07
+       T = 20    right 0.98 0.92 0.84 0.89   left 0.83 0.87 0.94 1.00   heun 1.27 1.23 1.20 1.08
+       T = 40    right 0.95 0.94 0.91 0.98   left 0.87 0.92 0.96 0.98   heun 1.09 1.13 1.11 1.03
+       T = 100   right 1.00 0.99 0.95 0.97   left 0.96 0.98 0.98 0.99   heun 1.06 1.07 1.05 1.01
+
+   ``"left"`` under-applies the tilt at early times (where the mixture weights are decided),
+   ``"heun"`` over-applies it everywhere (its ``h^2 J_k J_{k+1}`` term is large exactly where ``J`` is),
+   ``"right"`` is closest early and costs one VJP per step (Heun two). After fine-tuning (table 2,
+   600 iterations, requested ``lambda = 0.6``) the achieved tilt is 0.53 / 0.54 / 0.55 / 0.55 at
+   T = 10 / 20 / 40 / 100 with ``"right"``, 0.52 / 0.54 with ``"left"`` and 0.72 / 0.65 with ``"heun"``
+   at T = 20 / 40. ``"right"`` and ``"heun"`` query ``v_base`` at ``t = 1``, where rectified-flow fields
+   are finite (``v(x, 1) = x - E[X0]``); ``"left"`` never does.
+3. **Regress in velocity space.** ``||u + sigma a||^2 = (2 / eta_t) ||v_ft - (v_base - eta_t a)||^2``
+   exactly. Implementations that build the control from the drifts, ``u = (b_ft - b_base) / sigma``
+   with ``b = 2 v - x / t``, subtract two ``O(|x| / t)`` numbers to get an ``O(1)`` difference and
+   lose the low bits near ``t -> 0`` in float32 / bf16. The velocity form never forms a drift, and its
+   target ``v_base - eta_t a = v_base - (1 - t) a~`` is bounded on all of ``[0, 1]``.
+   :func:`adjoint_matching_loss` is the velocity form; :func:`adjoint_matching_loss_u` the u form
+   (``u = sqrt(2 / eta) (v_ft - v_base)``, no drifts either; kept for the equivalence test).
+4. **Singular ends.**
+   * ``t = 0`` (``sigma = inf``): the time grid may start at 0 (the adjoint recursion above is
+     finite there), but ``t = 0`` is never trained: its SOC weight ``2 / eta_0 = 0`` and its u-space
+     form is ``inf * 0``. :func:`select_train_indices` only returns grid times in ``(0, 1)``.
+   * ``t = 1`` (``eta = 0``, weight ``2 / eta = inf``): never trained either. At ``t = 1`` the target
+     is ``v_ft = v_base`` identically, and the integral has no mass there. Near ``t = 1`` the SOC
+     weight ``2 t / (1 - t)`` is large but the residual of a good model is ``O(1 - t)``;
+     ``max_weight`` caps it when a coarse grid puts a point very close to 1.
+   * The loss functions raise on any ``t`` outside the open interval ``(0, 1)``.
+   * Weighting: ``"soc"`` (``2 / eta_t``, the faithful SOC loss, default) or ``"uniform"`` (plain
+     velocity regression). The pointwise minimiser ``v_ft = E[v_base - eta_t a | X_t = x]`` is the
+     same for any positive weight, so the weighting only moves emphasis across times.
+   * Adjoint clipping (:func:`clip_adjoint`) is available but off by default: clipping biases the
+     target towards ``v_base`` and under-applies the tilt, exactly the failure issue 4 warns about.
+5. **Coarse time grids.** The estimator is first order in ``h`` (table above); the achieved tilt
+   after fine-tuning against the number of steps is measured by ``benchmarks/am_tilt_vs_steps.py``.
+
+Shapes: trajectories ``(T+1, B, *S)``, times ``(T+1,)`` strictly increasing in ``[0, 1]``,
+per-time quantities ``(B, *S)`` with ``t (B,)``. Everything runs in the trajectory's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from lightning_nft.paths import expand_like
+from lightning_nft.rewards import require_differentiable
+
+VelocityFn = Callable[..., Tensor]
+
+__all__ = [
+    "eta",
+    "memoryless_sigma",
+    "base_drift",
+    "terminal_adjoint",
+    "lean_adjoint",
+    "full_adjoint",
+    "clip_adjoint",
+    "select_train_indices",
+    "gather_times",
+    "adjoint_matching_target",
+    "adjoint_matching_weight",
+    "adjoint_matching_loss",
+    "adjoint_matching_loss_u",
+]
+
+WEIGHTINGS = ("soc", "uniform")
+
+
+# ----------------------------------------------------------------------------------------------
+# schedule quantities
+# ----------------------------------------------------------------------------------------------
+
+
+def eta(t: Union[float, Tensor]) -> Tensor:
+    """``eta_t = (1 - t) / t`` for rectified flow (seed 004 with ``alpha_t = t``, ``beta_t = 1 - t``)."""
+    t = torch.as_tensor(t)
+    return (1 - t) / t
+
+
+def memoryless_sigma(t: Union[float, Tensor]) -> Tensor:
+    """Memoryless noise level ``sigma(t) = sqrt(2 eta_t) = sqrt(2 (1 - t) / t)`` (seed 004)."""
+    return torch.sqrt(2 * eta(t))
+
+
+def base_drift(velocity: VelocityFn, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+    """Memoryless SDE drift ``b(x, t) = 2 v(x, t) - x / t`` of a velocity field, ``(B, *S)``; ``t (B,)``, ``t > 0``."""
+    return 2 * velocity(x, t, cond) - x / expand_like(t, x)
+
+
+def terminal_adjoint(reward: Any, x1: Tensor, lam: float, cond: Any = None) -> Tensor:
+    """``a(1) = grad g(X_1) = -lam grad r(X_1)``, ``(B, *S)``, for a differentiable reward.
+
+    ``reward(x, cond) -> (B,)``. A reward marked ``differentiable = False`` (a black box) is refused
+    with a clear ``TypeError`` (``lightning_nft.rewards.require_differentiable``).
+    """
+    if not callable(reward):
+        raise TypeError(f"reward must be callable; got {type(reward).__name__}")
+    if getattr(reward, "differentiable", True) is False:
+        require_differentiable(reward, "Adjoint Matching")
+    with torch.enable_grad():
+        x = x1.detach().clone().requires_grad_(True)
+        r = reward(x, cond)
+        if not isinstance(r, Tensor) or r.shape != (x.shape[0],):
+            raise ValueError(f"reward must return a tensor of shape (B,) = ({x.shape[0]},)")
+        if not r.requires_grad:
+            raise TypeError(
+                f"{type(reward).__name__} returned rewards without a graph to the samples; Adjoint Matching "
+                "needs grad r(x) (mark black-box rewards differentiable=False)"
+            )
+        (grad,) = torch.autograd.grad(r.sum(), x)
+    return -float(lam) * grad
+
+
+# ----------------------------------------------------------------------------------------------
+# adjoint ODEs
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_trajectory(trajectory: Tensor, times: Tensor, terminal: Tensor) -> Tensor:
+    if trajectory.dim() < 2:
+        raise ValueError(f"trajectory must have shape (T+1, B, *S); got {tuple(trajectory.shape)}")
+    times = torch.as_tensor(times).to(device=trajectory.device, dtype=trajectory.dtype)
+    if times.dim() != 1 or times.shape[0] != trajectory.shape[0] or times.shape[0] < 2:
+        raise ValueError(
+            f"times must have shape (T+1,) = ({trajectory.shape[0]},) with T >= 1; got {tuple(times.shape)}"
+        )
+    if not bool((times[1:] > times[:-1]).all()) or bool(times[0] < 0) or bool(times[-1] > 1):
+        raise ValueError("times must be strictly increasing in [0, 1]")
+    if terminal.shape != trajectory.shape[1:]:
+        raise ValueError(
+            f"terminal adjoint must have shape (B, *S) = {tuple(trajectory.shape[1:])}; got {tuple(terminal.shape)}"
+        )
+    return times
+
+
+SCHEMES = ("right", "left", "heun")
+
+
+class _Linearisation:
+    """Forward pass of a backward-solver right-hand side at one grid point, reusable for several VJPs.
+
+    ``rhs(x, t) -> (outputs, extra)``: builds the graph once; :meth:`apply` returns
+    ``grad_x [2 <v, c> + extra]`` for a cotangent ``c`` (``extra`` a scalar or ``None``).
+    """
+
+    def __init__(self, fn: Callable[[Tensor, Tensor], tuple[Tensor, Optional[Tensor]]], x: Tensor, t: Tensor) -> None:
+        with torch.enable_grad():
+            self.x = x.detach().clone().requires_grad_(True)
+            self.v, self.extra = fn(self.x, t)
+
+    def apply(self, cot: Tensor, retain: bool) -> Tensor:
+        with torch.enable_grad():
+            scalar = 2 * (self.v * cot).sum()
+            if self.extra is not None:
+                scalar = scalar + self.extra
+            (g,) = torch.autograd.grad(scalar, self.x, retain_graph=retain)
+        return g
+
+
+def _solve_backward(
+    fn: Callable[[Tensor, Tensor], tuple[Tensor, Optional[Tensor]]],
+    trajectory: Tensor,
+    times: Tensor,
+    terminal: Tensor,
+    scheme: str,
+    velocities: Optional[Tensor] = None,
+) -> Tensor:
+    """Integrate ``d a~/dt = -F(X_t, t, a~)`` backwards, ``F = grad_x [2 <v, a~> + extra]``; return ``a = t a~``.
+
+    ``scheme``: ``"heun"`` (trapezoid, predictor with ``F_{k+1}``), ``"right"`` (``F_{k+1}``) or
+    ``"left"`` (``F_k``); see :func:`lean_adjoint`. Fills ``velocities[k] = v(X_k, t_k)`` when given.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown adjoint scheme {scheme!r}; choose one of {SCHEMES}")
+    n_steps = times.shape[0] - 1
+    batch = trajectory.shape[1]
+    adjoints = torch.empty_like(trajectory)
+    adjoints[n_steps] = terminal.detach()
+    a_tilde = terminal.detach().to(trajectory.dtype) / times[n_steps]
+    uses = {"heun": 2, "right": 1, "left": 1}[scheme]
+    cache: dict[int, tuple[_Linearisation, int]] = {}
+
+    def rhs(k: int, cot: Tensor) -> Tensor:
+        if k not in cache:
+            lin = _Linearisation(fn, trajectory[k], times[k].expand(batch))
+            if velocities is not None:
+                velocities[k] = lin.v.detach()
+            cache[k] = (lin, 0)
+        lin, used = cache[k]
+        used += 1
+        last = used >= uses or (scheme == "heun" and k == n_steps)
+        g = lin.apply(cot, retain=not last)
+        if last:
+            del cache[k]
+        else:
+            cache[k] = (lin, used)
+        return g
+
+    for k in range(n_steps - 1, -1, -1):
+        h = times[k + 1] - times[k]
+        if scheme == "left":
+            a_tilde = a_tilde + h * rhs(k, a_tilde)
+        elif scheme == "right":
+            a_tilde = a_tilde + h * rhs(k + 1, a_tilde)
+        else:
+            f_next = rhs(k + 1, a_tilde)
+            predictor = a_tilde + h * f_next
+            a_tilde = a_tilde + 0.5 * h * (f_next + rhs(k, predictor))
+        adjoints[k] = times[k] * a_tilde
+    cache.clear()
+    return adjoints
+
+
+def lean_adjoint(
+    base_velocity: VelocityFn,
+    trajectory: Tensor,
+    times: Tensor,
+    terminal_grad: Tensor,
+    cond: Any = None,
+    *,
+    scheme: str = "right",
+    return_base_velocity: bool = False,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Lean adjoint ``a(t_k)`` along a trajectory, ``(T+1, B, *S)`` (detached).
+
+    Solves ``d a / dt = -(grad_x b(X_t, t))^T a`` with ``b = 2 v_base - x / t`` backwards from
+    ``a(t_T) = terminal_grad`` (pass ``grad g(X_1) = -lambda grad r(X_1)``, e.g. from
+    :func:`terminal_adjoint`) in the variable ``a~ = a / t`` (integrating factor, module docstring),
+    ``d a~ / dt = -2 J^T a~`` with ``J = grad_x v_base``, then ``a_k = t_k a~_k``. One step from
+    ``t_{k+1}`` to ``t_k`` (``h = t_{k+1} - t_k``, ``J_k = grad_x v_base(X_k, t_k)``)::
+
+        "right" (default)  a~_k = a~_{k+1} + 2 h J_{k+1}^T a~_{k+1}       (the paper's Euler step)
+        "left"             a~_k = a~_{k+1} + 2 h J_k^T a~_{k+1}
+        "heun"             p = a~_{k+1} + 2 h J_{k+1}^T a~_{k+1}
+                           a~_k = a~_{k+1} + h (J_{k+1}^T a~_{k+1} + J_k^T p)
+
+    (module docstring, choice 2, for why ``"right"``).
+
+    Each ``J^T c`` is one batched vector-Jacobian product (``torch.autograd.grad`` w.r.t. ``x`` only),
+    run under ``torch.enable_grad()`` whatever the caller's mode (not under ``torch.inference_mode``).
+    ``"heun"`` costs one forward and two backward passes per grid point (the graph at ``X_k`` is kept
+    for the next step), the Euler schemes one of each. ``"heun"`` and ``"right"`` evaluate
+    ``v_base`` at ``t_T`` (``= 1`` on a full grid), so the field must be finite there (true for
+    rectified-flow fields: ``v(x, 1) = x - E[X0]``); ``"left"`` never does.
+
+    Args:
+        base_velocity: ``v_base(x (B, *S), t (B,), cond) -> (B, *S)`` (the frozen reference).
+        trajectory: ``(T+1, B, *S)`` states ``X_{t_k}`` (sampled from the fine-tuned memoryless SDE).
+        times: ``(T+1,)`` strictly increasing in ``[0, 1]``; ``times[0] = 0`` is allowed.
+        terminal_grad: ``(B, *S)`` the terminal adjoint ``a(t_T)``.
+        cond: passed through to ``base_velocity``.
+        scheme: ``"heun"``, ``"right"`` or ``"left"`` (above).
+        return_base_velocity: also return ``v_base(X_k, t_k)`` at every grid point, ``(T+1, B, *S)``
+            (the recursion computes most of them anyway; the loss needs them at the trained times).
+    """
+    times = _check_trajectory(trajectory, times, terminal_grad)
+    velocities = torch.full_like(trajectory, float("nan")) if return_base_velocity else None
+
+    def fn(x: Tensor, t: Tensor) -> tuple[Tensor, None]:
+        return base_velocity(x, t, cond), None
+
+    adjoints = _solve_backward(fn, trajectory, times, terminal_grad, scheme, velocities)
+    if velocities is None:
+        return adjoints
+    batch = trajectory.shape[1]
+    with torch.no_grad():
+        for k in range(times.shape[0]):  # points the scheme did not visit (left: t_T; right: t_0)
+            if bool(torch.isnan(velocities[k]).any()):
+                velocities[k] = base_velocity(trajectory[k], times[k].expand(batch), cond)
+    return adjoints, velocities
+
+
+def full_adjoint(
+    ft_velocity: VelocityFn,
+    base_velocity: VelocityFn,
+    trajectory: Tensor,
+    times: Tensor,
+    terminal_grad: Tensor,
+    cond: Any = None,
+    *,
+    scheme: str = "right",
+) -> Tensor:
+    """The full ("basic adjoint matching") adjoint along a trajectory, ``(T+1, B, *S)`` (detached).
+
+    Seed 004 with ``f = 0``: ``d a / dt = -[(grad_x (b + sigma u))^T a + grad_x (|u|^2 / 2)]``, where
+    ``b + sigma u = 2 v_ft - x / t`` and ``|u|^2 / 2 = |v_ft - v_base|^2 / eta_t``. With ``a~ = a / t``
+    (same integrating factor as :func:`lean_adjoint`) and ``D = v_ft - v_base``::
+
+        d a~ / dt = -2 (grad_x v_ft)^T a~ - (1 / (1 - t)) grad_x |D|^2,
+
+    stepped with the same ``scheme`` as :func:`lean_adjoint`. At ``t = 1`` the last term is taken as
+    its limit 0 (valid when ``D = O(1 - t)``, as at the optimum). Used as the reference for seed 004's
+    key observation: at the optimum both adjoints have the same conditional expectation
+    ``E[a(t) | X_t = x] = -u*(x, t) / sigma(t)``.
+    """
+    times = _check_trajectory(trajectory, times, terminal_grad)
+
+    def fn(x: Tensor, t: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        v_ft = ft_velocity(x, t, cond)
+        t0 = t.reshape(-1)[0]
+        if bool(t0 >= 1):
+            return v_ft, None
+        diff = v_ft - base_velocity(x, t, cond)
+        return v_ft, (diff * diff).sum() / (1 - t0)
+
+    return _solve_backward(fn, trajectory, times, terminal_grad, scheme)
+
+
+def clip_adjoint(adjoint: Tensor, max_norm: Optional[float]) -> Tensor:
+    """Rescale each sample's adjoint to norm at most ``max_norm`` (over non-batch dims); ``None``: unchanged.
+
+    Off by default in Adjoint Matching: clipping biases the target ``v_base - eta_t a`` towards
+    ``v_base`` and under-applies the tilt. Meant as a safety valve for rewards with rare huge gradients.
+    """
+    if max_norm is None:
+        return adjoint
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be positive; got {max_norm}")
+    norms = adjoint.reshape(adjoint.shape[0], -1).norm(dim=1)
+    scale = (max_norm / norms.clamp_min(1e-30)).clamp(max=1.0)
+    return adjoint * expand_like(scale, adjoint)
+
+
+# ----------------------------------------------------------------------------------------------
+# which times are trained
+# ----------------------------------------------------------------------------------------------
+
+
+def select_train_indices(
+    times: Tensor,
+    n: Optional[int] = None,
+    *,
+    t_min: float = 0.0,
+    t_max: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Indices ``k`` of the grid ``times (T+1,)`` to train on, sorted, ``(K,)`` long.
+
+    Eligible: ``t_min < times[k] < t_max`` with ``0 <= t_min < t_max <= 1``; ``t = 0`` and ``t = 1``
+    are never eligible (singular ends, module docstring choice 4). ``n = None`` (or ``n`` at least
+    the number eligible) returns all of them; otherwise ``n`` distinct indices drawn uniformly
+    without replacement (so the mean over them is an unbiased estimate of the mean over all).
+    """
+    times = torch.as_tensor(times)
+    if times.dim() != 1:
+        raise ValueError(f"times must be 1-D (T+1,); got {tuple(times.shape)}")
+    if not 0.0 <= t_min < t_max <= 1.0:
+        raise ValueError(f"need 0 <= t_min < t_max <= 1; got t_min={t_min}, t_max={t_max}")
+    eligible = torch.nonzero((times > max(t_min, 0.0)) & (times < min(t_max, 1.0))).reshape(-1)
+    if eligible.numel() == 0:
+        raise ValueError(f"no grid time lies in ({t_min}, {t_max}) strictly inside (0, 1)")
+    if n is None or n >= eligible.numel():
+        return eligible
+    if n < 1:
+        raise ValueError(f"n must be positive; got {n}")
+    pick = torch.randperm(eligible.numel(), generator=generator)[:n].to(eligible.device)  # CPU generator
+    return eligible[pick].sort().values
+
+
+def gather_times(indices: Tensor, times: Tensor, *per_time: Tensor) -> tuple[Tensor, ...]:
+    """Flatten the chosen grid times into one batch: returns ``(t (K*B,), *tensors (K*B, *S))``.
+
+    ``per_time`` tensors have shape ``(T+1, B, *S)`` (or ``(T, B, *S)``; only the ``indices`` are read),
+    e.g. the trajectory, the adjoints and the base velocities; row ``i * B + b`` is time ``indices[i]``,
+    sample ``b``.
+    """
+    indices = torch.as_tensor(indices, dtype=torch.long)
+    if not per_time:
+        raise ValueError("pass at least one (T+1, B, *S) tensor")
+    batch = per_time[0].shape[1]
+    t = torch.as_tensor(times)[indices].to(per_time[0]).repeat_interleave(batch)
+    out = [p[indices.to(p.device)].reshape(indices.numel() * batch, *p.shape[2:]) for p in per_time]
+    return (t, *out)
+
+
+# ----------------------------------------------------------------------------------------------
+# losses
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_open_times(t: Tensor, x: Tensor) -> Tensor:
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    if t.dim() != 1 or t.shape[0] != x.shape[0]:
+        raise ValueError(f"t must have shape (B,) = ({x.shape[0]},); got {tuple(t.shape)}")
+    if bool(((t <= 0) | (t >= 1)).any()):
+        raise ValueError("Adjoint Matching trains on times strictly inside (0, 1): t = 0 and t = 1 are singular")
+    return t
+
+
+def adjoint_matching_target(v_base: Tensor, adjoint: Tensor, t: Tensor) -> Tensor:
+    """Velocity-space regression target ``v_base - eta_t a = v_base - (1 - t) a / t``, ``(B, *S)``."""
+    t = _check_open_times(t, v_base)
+    return v_base - expand_like(eta(t), adjoint) * adjoint
+
+
+def adjoint_matching_weight(t: Tensor, weighting: str = "soc", max_weight: Optional[float] = None) -> Tensor:
+    """Per-sample loss weight ``(B,)``: ``"soc"`` gives ``2 / eta_t = 2 t / (1 - t)``, ``"uniform"`` 1.
+
+    ``max_weight`` caps the weight (``None``: no cap).
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; choose one of {WEIGHTINGS}")
+    w = 2 / eta(t) if weighting == "soc" else torch.ones_like(t)
+    if max_weight is not None:
+        if not max_weight > 0:
+            raise ValueError(f"max_weight must be positive; got {max_weight}")
+        w = w.clamp(max=max_weight)
+    return w
+
+
+def _reduce(sq: Tensor, reduction: str) -> Tensor:
+    flat = sq.reshape(sq.shape[0], -1)
+    if reduction == "sum":
+        return flat.sum(dim=1)
+    if reduction == "mean":
+        return flat.mean(dim=1)
+    raise ValueError(f"reduction must be 'sum' or 'mean'; got {reduction!r}")
+
+
+def adjoint_matching_loss(
+    v_ft: Tensor,
+    v_base: Tensor,
+    adjoint: Tensor,
+    t: Tensor,
+    *,
+    weighting: str = "soc",
+    max_weight: Optional[float] = None,
+    reduction: str = "sum",
+) -> Tensor:
+    """Adjoint Matching loss in velocity space, per sample ``(B,)``:
+
+        w(t) || v_ft - (v_base - eta_t a) ||^2,     w = 2 / eta_t  ("soc")  or 1 ("uniform").
+
+    With ``"soc"``, no cap and ``reduction="sum"`` it equals ``|| u + sigma a ||^2`` of
+    :func:`adjoint_matching_loss_u` exactly (module docstring choice 3). Only ``v_ft`` should carry a
+    gradient; ``v_base`` and ``adjoint`` are treated as constants (detached here). ``t (B,)`` must lie
+    in the open interval ``(0, 1)``; ``reduction`` over non-batch dims: ``"sum"`` or ``"mean"``.
+    """
+    t = _check_open_times(t, v_ft)
+    target = adjoint_matching_target(v_base.detach(), adjoint.detach(), t)
+    w = adjoint_matching_weight(t, weighting, max_weight)
+    return w * _reduce((v_ft - target) ** 2, reduction)
+
+
+def adjoint_matching_loss_u(v_ft: Tensor, v_base: Tensor, adjoint: Tensor, t: Tensor) -> Tensor:
+    """The same loss in control space, per sample ``(B,)``: ``|| u + sigma a ||^2`` with
+    ``u = sqrt(2 / eta_t) (v_ft - v_base)``, ``sigma = sqrt(2 eta_t)`` (seed 004). For tests; prefer
+    :func:`adjoint_matching_loss`.
+    """
+    t = _check_open_times(t, v_ft)
+    e = expand_like(eta(t), v_ft)
+    u = torch.sqrt(2 / e) * (v_ft - v_base.detach())
+    return _reduce((u + torch.sqrt(2 * e) * adjoint.detach()) ** 2, "sum")
