@@ -34,6 +34,7 @@ Override points for subclasses: :meth:`sample_conditions`, :meth:`rollout`,
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -58,6 +59,10 @@ from lightning_nft.rollouts import RolloutBatch, index_condition
 from lightning_nft.samplers import EulerSolver, SampleOutput, Solver, time_grid
 
 ConditionSampler = Callable[[int, torch.Generator], Any]
+
+# The frozen old/reference copies and reward models are in eval mode on purpose; Lightning's notice
+# about modules in eval mode at the start of training is noise for this module.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 @dataclass
@@ -298,6 +303,11 @@ class RewardFineTuningModule(pl.LightningModule):
         if stage == "fit":
             self.objective.setup(self)
 
+    def on_train_start(self) -> None:
+        # a pretrained backbone may arrive in eval mode (loaders return eval models); train it in train
+        # mode, while the frozen old/reference copies and the reward stay in eval mode
+        self.backbone.train()
+
     def configure_callbacks(self):
         if not self.hparams.default_callbacks:
             return []
@@ -368,7 +378,7 @@ class RewardFineTuningModule(pl.LightningModule):
 def _frozen_copy(module: nn.Module) -> nn.Module:
     twin = copy.deepcopy(module)
     twin.requires_grad_(False)
-    return twin
+    return twin.eval()
 
 
 def repeat_condition(cond: Any, repeats: int) -> Any:

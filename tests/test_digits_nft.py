@@ -64,3 +64,11 @@ def test_digits_nft_with_a_black_box_jpeg_reward_runs(in_tmp):
     rewards, _ = _scalars(run, "reward/mean")
     assert len(rewards) == 2 and all(r < 0 for r in rewards)  # negative kilobytes
     assert (run / "before_after.png").exists()
+
+
+def test_digits_nft_kl_config_runs(in_tmp):
+    main(["fit", "--config", str(ROOT / "configs" / "digits_nft_kl.yaml"), "--trainer.max_epochs", "2",
+          "--trainer.enable_progress_bar", "false"])
+    run = in_tmp / "runs" / "digits_nft_kl"
+    drift, _ = _scalars(run, "kl_anchor/drift")
+    assert len(drift) == 2 and all(d >= 0 for d in drift)
