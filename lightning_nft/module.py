@@ -93,6 +93,10 @@ class RewardFineTuningModule(pl.LightningModule):
         normalizer: raw rewards -> advantages and optimality probabilities ``r``
             (default ``RewardNormalizer()``: group-centred, clipped).
         lr, weight_decay: AdamW on the trainable parameters.
+        lr_final: optional linear learning-rate decay, per optimiser step, from ``lr`` to ``lr_final``
+            over the whole fit (``trainer.estimated_stepping_batches``); ``None`` (default): constant
+            ``lr``. Adjoint Matching's regression targets are heavy-tailed and a decaying rate is what
+            lets the last iterate settle (``tests/test_adjoint_matching.py``'s recipe: 1e-2 -> 1e-3).
         lora: inject LoRA adapters (reference = adapters off, old = second adapter); a ``LoraSettings``
             or the dict of its fields (kept as a dict in the hyper-parameters, so checkpoints load
             with ``weights_only=True``).
@@ -132,6 +136,7 @@ class RewardFineTuningModule(pl.LightningModule):
         predict_policy: PolicyRole = "current",
         default_callbacks: bool = True,
         step_metrics: bool = False,
+        lr_final: Optional[float] = None,
     ) -> None:
         super().__init__()
         if groups_per_round < 1 or group_size < 1 or steps_per_round < 1:
@@ -372,7 +377,18 @@ class RewardFineTuningModule(pl.LightningModule):
         params = [p for p in self.backbone.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the backbone has no trainable parameters")
-        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        lr_final = self.hparams.get("lr_final")
+        if lr_final is None:
+            return opt
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        ratio = float(lr_final) / float(self.hparams.lr)
+
+        def factor(step: int) -> float:  # lr * factor: lr at step 0, lr_final at the last step
+            return 1.0 + (ratio - 1.0) * min(step, total - 1) / max(total - 1, 1)
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 def _frozen_copy(module: nn.Module) -> nn.Module:
