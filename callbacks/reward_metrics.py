@@ -8,7 +8,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torchmetrics import Metric
-from torchmetrics.aggregation import CatMetric
 
 
 class SampleStatistics(Metric):

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch import Tensor, nn
+from torch import nn
 
 from lightning_nft.callbacks._sampling import fixed_noise_samples, run_directory
 from lightning_nft.data.references import ReferenceSet

@@ -21,7 +21,7 @@ plain ``nn.Module`` s, so LoRA (``lightning_nft.lora``) and the fine-tuning modu
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn

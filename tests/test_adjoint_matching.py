@@ -50,13 +50,6 @@ from lightning_nft.samplers import EulerSolver, MemorylessNoise, SDESolver, time
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These are many small sequential ops: one thread is faster, and the machine is shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 # The fine-tuning problem: 3 components; the tilt moves the weights from (0.5, 0.3, 0.2) to about
 # (0.135, 0.269, 0.596) (TV 0.40) and the means by lam s^2 a = 0.12.

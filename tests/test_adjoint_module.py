@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import glob
-import logging
 import warnings
 from pathlib import Path
 
@@ -37,14 +36,10 @@ WEIGHTS, MEANS, STD, DIRECTION, LAM = [0.5, 0.3, 0.2], [[-2.0, 0.0], [0.0, 1.0],
 
 
 @pytest.fixture(autouse=True)
-def _quiet_one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+def _quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
-    torch.set_num_threads(n)
 
 
 def _module(reward=None, rounds_lr_final=1e-3, group_size=256, n_steps=20, hidden=64, seed=0, **kw):

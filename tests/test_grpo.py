@@ -35,14 +35,6 @@ ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS, MEANS, STD = [0.5, 0.3, 0.2], [[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], 0.4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _mixture() -> GaussianMixture:
     return GaussianMixture(WEIGHTS, MEANS, STD)
 

@@ -8,12 +8,10 @@ ODE sampler (10 steps) by the current policy, and the reward module scores the s
 
 from __future__ import annotations
 
-import logging
 import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
-import pytest
 import torch
 import yaml
 
@@ -28,15 +26,6 @@ from lightning_nft.samplers import EulerSolver, FlowGRPONoise, SDESolver, time_g
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "digits_grpo.yaml"
 TARGET = 3
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    yield
-    torch.set_num_threads(n)
 
 
 def _objective_args() -> dict:

@@ -9,26 +9,15 @@ rollout batches and gradient steps of multi-step NFT.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from pathlib import Path
 
-import pytest
 import torch
 
 from lightning_nft.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 2
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    yield
-    torch.set_num_threads(n)
 
 
 def _fit_and_predict(config: str, run_dir: str) -> tuple[dict, dict]:

@@ -22,7 +22,6 @@ together with the values measured when it was set (seeds 0-3 unless said otherwi
 from __future__ import annotations
 
 import copy
-import logging
 import warnings
 from typing import Any
 
@@ -44,15 +43,6 @@ from lightning_nft.rewards import LinearReward
 WEIGHTS, MEANS, STD = [0.5, 0.3, 0.2], [[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], 0.4
 A = [1.0, 0.0]  # reward direction: r(x) = a . x; a . m_k = (-2, 2, 0)
 BASE_MEAN_REWARD = sum(w * m[0] for w, m in zip(WEIGHTS, MEANS))  # E[a . X1] = -0.4 under the mixture
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    yield
-    torch.set_num_threads(n)
 
 
 def mixture() -> GaussianMixture:

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_nft.models.export import config_from_metadata, read_safetensors
+from lightning_nft.models.export import load_module_safetensors
 
 FLOW_ASSET = "digits_flow.safetensors"
 
@@ -206,10 +206,4 @@ def load_pretrained_digits_flow(
     Parameters stay trainable unless ``freeze=True`` (fine-tuning starts from it). ``path`` loads
     another file written by :func:`lightning_nft.models.export.save_module_safetensors`.
     """
-    tensors, metadata = read_safetensors(path=path, asset=None if path else FLOW_ASSET)
-    net = ConvVelocity(**config_from_metadata(metadata))
-    net.load_state_dict(tensors)
-    net.eval()
-    if freeze:
-        net.requires_grad_(False)
-    return net.to(device) if device is not None else net
+    return load_module_safetensors(ConvVelocity, path=path, asset=FLOW_ASSET, device=device, freeze=freeze)

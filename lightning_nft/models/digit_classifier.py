@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_nft.models.export import config_from_metadata, read_safetensors, save_module_safetensors
+from lightning_nft.models.export import load_module_safetensors, save_module_safetensors
 
 CLASSIFIER_ASSET = "digit_classifier.safetensors"
 
@@ -78,13 +78,7 @@ def load_pretrained_digit_classifier(
 
     ``path`` loads another safetensors file written by :meth:`DigitClassifierModule.export_safetensors`.
     """
-    tensors, metadata = read_safetensors(path=path, asset=None if path else CLASSIFIER_ASSET)
-    net = DigitClassifier(**config_from_metadata(metadata))
-    net.load_state_dict(tensors)
-    net.eval()
-    if freeze:
-        net.requires_grad_(False)
-    return net.to(device) if device is not None else net
+    return load_module_safetensors(DigitClassifier, path=path, asset=CLASSIFIER_ASSET, device=device, freeze=freeze)
 
 
 class DigitClassifierModule(pl.LightningModule):

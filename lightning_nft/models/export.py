@@ -8,13 +8,15 @@ the module without pickles. Package data is read through :mod:`importlib.resourc
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 import os
+from contextlib import nullcontext
 from importlib import resources
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Type, TypeVar
 
 import lightning.pytorch as pl
 from torch import Tensor, nn
+
+M = TypeVar("M", bound=nn.Module)
 
 
 def save_module_safetensors(module: nn.Module, path: str, metadata: Optional[Dict[str, Any]] = None) -> str:
@@ -49,6 +51,21 @@ def read_safetensors(path: Optional[str] = None, asset: Optional[str] = None) ->
 
 def config_from_metadata(metadata: Dict[str, str]) -> Dict[str, Any]:
     return json.loads(metadata["config"]) if "config" in metadata else {}
+
+
+def load_module_safetensors(cls: Type[M], path: Optional[str] = None, asset: Optional[str] = None,
+                            device: Optional[Any] = None, freeze: bool = False) -> M:
+    """Rebuild ``cls(**metadata config)`` from a file or package asset, load its weights, return it in eval mode.
+
+    ``freeze=True`` also turns off ``requires_grad``; ``device`` moves it.
+    """
+    tensors, metadata = read_safetensors(path=path, asset=None if path else asset)
+    net = cls(**config_from_metadata(metadata))
+    net.load_state_dict(tensors)
+    net.eval()
+    if freeze:
+        net.requires_grad_(False)
+    return net.to(device) if device is not None else net
 
 
 class ExportSafetensors(pl.Callback):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
-import torch
 from torch import Tensor
 
 from lightning_nft.objectives.adjoint_matching import (

@@ -85,7 +85,6 @@ from lightning_nft.samplers import (
     NoiseLike,
     SampleOutput,
     SDESolver,
-    Solver,
     VelocityFn,
     ZeroNoise,
     _batch_times,

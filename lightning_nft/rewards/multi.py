@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-import torch
 from torch import Tensor, nn
 
 from lightning_nft.rewards.base import Reward
