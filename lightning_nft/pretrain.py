@@ -42,7 +42,7 @@ class FlowMatchingModule(pl.LightningModule):
         time_sampler: training-time density (uniform by default).
         solver, n_sample_steps: how ``predict`` samples (Euler, 50 steps by default).
         predict_samples, predict_seed, predict_batch_size: the seeded noise ``predict`` integrates.
-        ema_decay: optional EMA of the weights kept for sampling (``0`` disables it).
+        lr_warmup_steps: linear learning-rate warm-up over this many steps (``0``: none).
     """
 
     def __init__(
