@@ -7,10 +7,9 @@ keeps everything for the round's gradient steps. Shapes use ``N = P * K`` on thi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any, Optional
 
-import torch
 from torch import Tensor
 
 
@@ -74,17 +73,3 @@ class RolloutBatch:
             else:
                 out[f.name] = v[idx.to(v.device)]
         return RolloutBatch(**out)
-
-    def to(self, device: torch.device) -> "RolloutBatch":
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for k, v in moved.items():
-            if isinstance(v, Tensor):
-                moved[k] = v.to(device)
-        return replace(self, **moved)
-
-    def minibatches(self, n_minibatches: int, generator: Optional[torch.Generator] = None) -> list[Tensor]:
-        """A random partition of ``range(N)`` into ``n_minibatches`` index tensors of (nearly) equal size."""
-        if n_minibatches < 1 or n_minibatches > len(self):
-            raise ValueError(f"cannot split {len(self)} rollouts into {n_minibatches} minibatches")
-        perm = torch.randperm(len(self), generator=generator)
-        return list(perm.chunk(n_minibatches))

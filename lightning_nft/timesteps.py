@@ -5,8 +5,8 @@
 * ``shifted``: uniform ``u``, then diffusers' shift on ``sigma = 1 - u``:
   ``sigma' = shift sigma / (1 + (shift - 1) sigma)``, ``t = 1 - sigma'`` (``shift > 1`` favours noise).
 
-Objectives that train on the sampler's own grid (DiffusionNFT's option, Flow-GRPO, Adjoint
-Matching) index the rollout's time grid instead; see :func:`sample_grid_times`.
+Objectives that train on the sampler's own grid (DiffusionNFT's ``time_source="grid"``, Flow-GRPO,
+Adjoint Matching) index the rollout's time grid themselves.
 """
 
 from __future__ import annotations
@@ -50,9 +50,3 @@ class TimeSampler:
             sigma = 1 - t
             t = 1 - self.shift * sigma / (1 + (self.shift - 1) * sigma)
         return t
-
-
-def sample_grid_times(times: Tensor, n: int, exclude_last: bool = True, generator: Optional[torch.Generator] = None) -> Tensor:
-    """Draw ``n`` indices into a sampler grid ``times (T+1,)`` (the final time excluded by default)."""
-    high = times.shape[0] - 1 if exclude_last else times.shape[0]
-    return torch.randint(0, high, (n,), device=times.device, generator=generator)
