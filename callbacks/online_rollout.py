@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lightning_nft.conditions import repeat_condition
 from lightning_nft.rollouts import RolloutBatch
 
 
@@ -69,8 +70,6 @@ class OnlineRollout(Callback):
         rank, world = trainer.global_rank, trainer.world_size
         g = round_generator(self._setting(pl_module, "seed"), rank, trainer.current_epoch, substep)
         cond_groups = pl_module.sample_conditions(P, g)
-        from lightning_nft.module import repeat_condition
-
         cond = repeat_condition(cond_groups, K)
         x0 = torch.randn((P * K, *pl_module.sample_shape), generator=g).to(pl_module.device)
         out = pl_module.rollout(x0, cond, g)

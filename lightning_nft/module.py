@@ -55,7 +55,8 @@ from lightning_nft.lora import (
 from lightning_nft.objectives.base import Objective
 from lightning_nft.policy import PolicyRole
 from lightning_nft.rewards.base import Reward, check_finite_rewards
-from lightning_nft.rollouts import RolloutBatch, index_condition
+from lightning_nft.conditions import network_input
+from lightning_nft.rollouts import RolloutBatch
 from lightning_nft.samplers import EulerSolver, SampleOutput, Solver, time_grid
 
 ConditionSampler = Callable[[int, torch.Generator], Any]
@@ -184,27 +185,27 @@ class RewardFineTuningModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ policy interface
     def forward(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
-        return self.backbone(x, t, cond)
+        return self.backbone(x, t, network_input(cond))
 
     def velocity(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         """Current policy ``v_theta`` (differentiable in parameters and ``x``)."""
-        return self.backbone(x, t, cond)
+        return self.backbone(x, t, network_input(cond))
 
     def old_velocity(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         """Old policy ``v_old``: no parameter gradients (differentiable in ``x``)."""
         if self.uses_lora:
             with active_adapter(self.backbone, OLD_ADAPTER):
-                return self.backbone(x, t, cond)
+                return self.backbone(x, t, network_input(cond))
         if self.old_backbone is None:
             raise RuntimeError(f"{type(self.objective).__name__} keeps no old policy (needs_old_policy=False)")
-        return self.old_backbone(x, t, cond)
+        return self.old_backbone(x, t, network_input(cond))
 
     def reference_velocity(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         """Frozen initial model ``v_ref``: no parameter gradients (differentiable in ``x``)."""
         if self.uses_lora:
             with adapters_disabled(self.backbone):
-                return self.backbone(x, t, cond)
-        return self.reference_backbone(x, t, cond)
+                return self.backbone(x, t, network_input(cond))
+        return self.reference_backbone(x, t, network_input(cond))
 
     def policy_velocity(self, policy: PolicyRole) -> Callable[[Tensor, Tensor, Any], Tensor]:
         return {"current": self.velocity, "old": self.old_velocity, "reference": self.reference_velocity}[policy]
@@ -395,14 +396,3 @@ def _frozen_copy(module: nn.Module) -> nn.Module:
     twin = copy.deepcopy(module)
     twin.requires_grad_(False)
     return twin.eval()
-
-
-def repeat_condition(cond: Any, repeats: int) -> Any:
-    """Repeat each of the ``P`` group conditions ``repeats`` times (``N = P * K`` rows)."""
-    if cond is None:
-        return None
-    if isinstance(cond, Tensor):
-        return cond.repeat_interleave(repeats, dim=0)
-    n = len(cond[next(iter(cond))]) if isinstance(cond, dict) else len(cond)
-    idx = torch.arange(n).repeat_interleave(repeats)
-    return index_condition(cond, idx)

@@ -12,20 +12,7 @@ from typing import Any, Optional
 
 from torch import Tensor
 
-
-def index_condition(cond: Any, idx: Tensor) -> Any:
-    """Select rows ``idx`` of a condition: a tensor, a dict/list/tuple of tensors, or ``None``."""
-    if cond is None:
-        return None
-    if isinstance(cond, Tensor):
-        return cond[idx.to(cond.device)]
-    if isinstance(cond, dict):
-        return {k: index_condition(v, idx) for k, v in cond.items()}
-    if isinstance(cond, (list, tuple)):
-        if cond and isinstance(cond[0], Tensor):
-            return type(cond)(index_condition(c, idx) for c in cond)
-        return [cond[i] for i in idx.tolist()]
-    raise TypeError(f"cannot index a condition of type {type(cond).__name__}")
+from lightning_nft.conditions import index_condition
 
 
 @dataclass
