@@ -211,7 +211,7 @@ def load_diffusers_pipeline(source: Any, dtype: DTypeLike = None) -> tuple[Any, 
     if name not in PIPELINE_FAMILIES:
         raise ValueError(f"{source!r} is a {name} pipeline; supported families: "
                          + ", ".join(f"{k} ({v})" for k, v in PIPELINE_FAMILIES.items()))
-    kwargs = {"torch_dtype": resolve_dtype(dtype)} if dtype is not None else {}
+    kwargs = {"dtype": resolve_dtype(dtype)} if dtype is not None else {}
     pipe = getattr(diffusers, name).from_pretrained(source, **kwargs)
     return pipe, PIPELINE_FAMILIES[name], source
 
