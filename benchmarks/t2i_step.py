@@ -3,8 +3,8 @@
 What is measured (one process, one device):
 
 * the denoiser: ``SD3Transformer2DModel`` with SD3.5-Medium's published architecture (24 MMDiT-X layers,
-  24 heads of 64, dual attention in layers 0-12, RMS QK-norm, patch 2, 16 latent channels; about 2.5 B
-  parameters), **randomly initialised** (nothing is downloaded), weights in bf16, wrapped in our adapter
+  24 heads of 64, dual attention in layers 0-12, RMS QK-norm, patch 2, 16 latent channels; 2.24 B
+  parameters as counted, 18.8 M per LoRA adapter), **randomly initialised** (nothing is downloaded), weights in bf16, wrapped in our adapter
   (``FlowTransformerVelocity``) with LoRA rank 32 / alpha 64 on the attention projections (fp32
   adapters; ``lightning_nft.lora.add_lora``), the SD3 targets of ``lightning_nft.pipelines.sd3``;
 * the condition: random text embeddings of SD3's shape (``(B, 333, 4096)``: 77 CLIP + 256 T5 tokens;
