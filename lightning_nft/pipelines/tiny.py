@@ -5,6 +5,7 @@ builder returns a complete diffusers pipeline (``StableDiffusion3Pipeline``, ``F
 ``StableDiffusionPipeline``) whose every component is a few thousand parameters: CLIP and T5 text
 encoders with a character-level tokenizer built here, a one- or two-block VAE, a one-layer denoiser.
 ``save_pretrained`` them into a folder and load them back by path to exercise the real loading code.
+The tokenizers are built from in-memory vocabularies, which needs transformers >= 5 (the ``test`` extra).
 
 The weights are random (seeded), so the images are noise; what these pipelines test is that our
 adapters, grids, prompt encoders and decode steps reproduce diffusers' own computation.
