@@ -111,3 +111,12 @@ def test_grpo_trains_the_guided_policies(saved):
         torch.testing.assert_close(module.velocity(x, t, cond), expected)
         torch.testing.assert_close(module.reference_velocity(x, t, cond), expected)
         assert (plain.velocity(x, t, cond) - expected).abs().max() > 1e-3
+
+
+def test_sd15_warns_when_training_times_go_below_its_start_time(saved):
+    from lightning_nft.timesteps import TimeSampler
+
+    with pytest.warns(UserWarning, match="noisiest level"):
+        make(saved["sd15"], objective=NFTObjective(time_sampler=TimeSampler("uniform")))
+    module = make(saved["sd15"], objective=NFTObjective(time_source="grid"))
+    assert 0.0 < float(module.sample_times()[0]) < 0.5

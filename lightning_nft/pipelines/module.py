@@ -35,6 +35,7 @@ from dataclasses import asdict
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_nft.conditions import Conditions, condition_to
@@ -135,6 +136,17 @@ class PipelineFineTuningModule(RewardFineTuningModule):
         self.negative_prompt = negative_prompt
         self._embeddings: dict[str, dict[str, Tensor]] = {}
         self.strict_loading = False  # checkpoints leave out what the pipeline rebuilds (on_save_checkpoint)
+        self._check_training_times()
+
+    def _check_training_times(self) -> None:
+        """Warn when the objective trains at times noisier than the model's own start time (SD1.5: t < ~0.064)."""
+        t_start = float(self.sample_times()[0])
+        sampler = getattr(self.objective, "time_sampler", None)
+        if t_start > 0 and getattr(self.objective, "time_source", "grid") == "density" and sampler is not None \
+                and sampler.t_min < t_start:
+            rank_zero_warn(f"{self.pipeline_family}: the objective draws training times from t_min={sampler.t_min}, "
+                           f"below the model's noisiest level t={t_start:.4f} (inputs there are clamped); use "
+                           f"time_source='grid' or a TimeSampler with t_min >= {t_start:.4f}")
 
     # ------------------------------------------------------------------ prompts and conditions
     def encode(self, prompts: Sequence[str]) -> dict[str, Tensor]:
