@@ -41,8 +41,10 @@ def test_config_runs_two_rounds_on_a_tiny_pipeline_of_its_family(name, tmp_path,
     import diffusers
     from diffusers.utils import logging as diffusers_logging
 
-    from lightning_nft.cli import NFTLightningCLI
-    from lightning_nft.pipelines import build_pipeline
+    from lightning_nft.cli import main
+    from lightning_nft.objectives import NFTObjective
+    from lightning_nft.pipelines import PipelineFineTuningModule, build_pipeline
+    from lightning_nft.rewards import JpegCompressibility
     from lightning_nft.pipelines.tiny import save_tiny_pipeline
 
     diffusers_logging.disable_progress_bar()
@@ -61,24 +63,28 @@ def test_config_runs_two_rounds_on_a_tiny_pipeline_of_its_family(name, tmp_path,
         "--model.init_args.steps_per_round", "2", "--model.init_args.minibatch_size", "2",
         "--model.init_args.n_sample_steps", "2",
     ]
-    cli = NFTLightningCLI(model_class=None, datamodule_class=None, parser_kwargs={"parser_mode": "omegaconf"},
-                          save_config_kwargs={"overwrite": True}, args=args, auto_configure_optimizers=False)
-    module = cli.model
-    assert module.pipeline_family == family and module.current_epoch == 2
-    assert module.rollouts is not None and torch.isfinite(module.rollouts.rewards).all()
-    assert {m["prompt"] for m in module.rollouts.cond.metadata} <= set(prompts)
+    main(args)
+    run = tmp_path / "runs" / name
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2  # 2 rounds x 2 steps, 2 accumulated per optimiser step
 
+    # the trained model: a module built from the same tiny pipeline with the checkpoint's adapters
+    module = PipelineFineTuningModule(path, reward=JpegCompressibility(), objective=NFTObjective(), prompts=prompts,
+                                      resolution=32, pipeline_options=options, lora=ckpt["hyper_parameters"]["lora"])
+    assert module.pipeline_family == family
     # the checkpoint: LoRA adapters (trained and old) only: no frozen base weights, VAE or reward
-    ckpt = torch.load(tmp_path / "runs" / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     keys = list(ckpt["state_dict"])
     assert keys and all(".lora_" in k for k in keys)
     assert any(".default." in k for k in keys) and any(".old." in k for k in keys)
     full = module.state_dict()
     assert len(keys) < len(full) and set(keys) == {k for k in full if ".lora_" in k}
+    missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
+    assert not unexpected and not any(".lora_" in k for k in missing)
+    assert any((v != 0).any() for k, v in ckpt["state_dict"].items() if ".lora_B.default." in k)  # it trained
 
     # the export: a fresh diffusers pipeline with the LoRA loaded gives the trained velocities back, bit for bit
     fresh = diffusers.DiffusionPipeline.from_pretrained(path)
-    fresh.load_lora_weights(str(tmp_path / "runs" / name / "lora"))
+    fresh.load_lora_weights(str(run / "lora"))
     loaded = build_pipeline(fresh, **{k: v for k, v in options.items() if k not in ("dtype",)})
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(2, *module.sample_shape, generator=g), torch.rand(2, generator=g)
@@ -87,3 +93,26 @@ def test_config_runs_two_rounds_on_a_tiny_pipeline_of_its_family(name, tmp_path,
         mine = module.backbone.eval()(x, t, cond)
         theirs = loaded.backbone.eval()(x, t, cond)
     assert torch.equal(mine, theirs), f"max diff {(mine - theirs).abs().max():.3g}"
+
+
+def test_the_pipeline_may_be_a_builder_named_by_class_path(tmp_path):
+    """``model.init_args.pipeline: {class_path: lightning_nft.pipelines.build_sd3, init_args: {...}}``."""
+    import lightning.pytorch as pl
+
+    from lightning_nft.cli import NFTLightningCLI
+    from lightning_nft.pipelines.tiny import save_tiny_pipeline
+
+    path = save_tiny_pipeline("sd3", str(tmp_path / "pipe"))
+    builder = {"class_path": "lightning_nft.pipelines.build_sd3",
+               "init_args": {"source": path, "max_sequence_length": 16, "gradient_checkpointing": True}}
+    cli = NFTLightningCLI(model_class=pl.LightningModule, subclass_mode_model=True, run=False,
+                          parser_kwargs={"parser_mode": "omegaconf"},
+                          args=["--config", str(ROOT / "configs" / "sd35m_nft.yaml"), "--trainer.accelerator", "cpu",
+                                "--trainer.devices", "1", "--trainer.strategy", "auto",
+                                "--model.init_args.pipeline", json.dumps(builder),
+                                "--model.init_args.pipeline_options", "{}",
+                                "--model.init_args.prompts", '["a cat"]', "--model.init_args.resolution", "32"])
+    module = cli.model
+    assert module.pipeline_family == "sd3" and module.sample_shape == (4, 16, 16)
+    assert module.backbone.model.is_gradient_checkpointing
+    assert module.hparams["pipeline"].startswith("<sd3 pipeline")

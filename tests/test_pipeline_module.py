@@ -85,14 +85,30 @@ def test_lora_checkpoints_hold_the_adapters_and_resume(saved, tmp_path):
     assert resumed["epoch"] == 1 and set(resumed["state_dict"]) == keys
 
 
-def test_full_fine_tuning_checkpoints_hold_the_trained_and_old_weights_only(saved, tmp_path):
+def test_full_fine_tuning_keeps_only_the_copies_it_needs(saved, tmp_path):
+    """Without a KL anchor no reference copy exists; with one it is the pipeline's weights; checkpoints hold neither."""
+    from lightning_nft.callbacks import KLAnchor
+
     module = make(saved["sd15"], lora=None)
-    ckpt = _fit(module, tmp_path, 1)
-    prefixes = {k.split(".")[0] for k in ckpt["state_dict"]}
-    assert prefixes == {"backbone", "old_backbone"}  # not the reference (the pipeline's weights), VAE or reward
-    assert any(k.startswith("reference_backbone.") for k in module.state_dict())
+    assert module.reference_backbone is None and module.old_backbone is not None
+    ckpt = _fit(module, tmp_path / "plain", 1)
+    assert module.reference_backbone is None
+    assert {k.split(".")[0] for k in ckpt["state_dict"]} == {"backbone", "old_backbone"}  # not the VAE or reward
     for k, v in ckpt["state_dict"].items():
         assert torch.equal(module.state_dict()[k], v)
+
+    anchored = make(saved["sd15"], lora=None)
+    initial = {k: v.clone() for k, v in anchored.backbone.state_dict().items()}
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path / "kl"),
+                         callbacks=[KLAnchor(weight=0.1), pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "kl" / "ckpt"),
+                                                                                        save_last=True)])
+    trainer.fit(anchored)
+    reference = anchored.reference_backbone.state_dict()
+    assert all(torch.equal(reference[k], v) for k, v in initial.items())
+    assert any(not torch.equal(anchored.backbone.state_dict()[k], v) for k, v in initial.items())
+    kl_ckpt = torch.load(tmp_path / "kl" / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert {k.split(".")[0] for k in kl_ckpt["state_dict"]} == {"backbone", "old_backbone"}
 
 
 def test_grpo_trains_the_guided_policies(saved):

@@ -32,18 +32,21 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_nft.conditions import Conditions, condition_to
 from lightning_nft.guidance import guided_velocity
-from lightning_nft.module import LoraSettings, RewardFineTuningModule
+from lightning_nft.module import LoraSettings, RewardFineTuningModule, default_optimizer
+from lightning_nft.advantages import Normalizer
 from lightning_nft.objectives.base import Objective
 from lightning_nft.pipelines.build import build_pipeline
 from lightning_nft.pipelines.common import PipelineParts
+from lightning_nft.policy import PolicyRole, _frozen_copy
 from lightning_nft.rewards.base import Reward
 from lightning_nft.samplers import EulerSolver, SampleOutput, Solver
 
@@ -69,7 +72,8 @@ class PipelineFineTuningModule(RewardFineTuningModule):
     """Reward fine-tuning of a diffusers text-to-image pipeline (SD3/SD3.5, FLUX.1, SD1.5).
 
     Args:
-        pipeline: hub id or local folder of a saved pipeline (or, from Python, a ``PipelineParts``).
+        pipeline: hub id or local folder of a saved pipeline, or a ``PipelineParts`` (in YAML: a builder by
+            ``class_path``, e.g. ``lightning_nft.pipelines.build_sd3`` with its ``init_args``).
         reward: scores decoded images ``(B, 3, H, W)`` in ``[-1, 1]`` with the prompt metadata.
         objective: DiffusionNFT, GRPO, ... (``lightning_nft.objectives``).
         prompts: a list of training prompts or a text file with one per line.
@@ -84,7 +88,7 @@ class PipelineFineTuningModule(RewardFineTuningModule):
 
     def __init__(
         self,
-        pipeline: Union[str, Any],
+        pipeline: Union[str, PipelineParts],
         reward: Reward,
         objective: Objective,
         prompts: Union[str, list[str]],
@@ -99,16 +103,16 @@ class PipelineFineTuningModule(RewardFineTuningModule):
         minibatch_size: Optional[int] = None,
         solver: Optional[Solver] = None,
         n_sample_steps: int = 10,
-        normalizer: Optional[Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]] = None,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
+        normalizer: Optional[Normalizer] = None,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
         rollout_seed: int = 0,
         predict_samples: int = 16,
         predict_seed: int = 0,
         predict_batch_size: int = 4,
+        predict_policy: PolicyRole = "current",
         default_callbacks: bool = True,
         step_metrics: bool = False,
-        lr_final: Optional[float] = None,
     ) -> None:
         parts = pipeline if isinstance(pipeline, PipelineParts) else build_pipeline(pipeline, **(pipeline_options or {}))
         height, width = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
@@ -120,10 +124,10 @@ class PipelineFineTuningModule(RewardFineTuningModule):
         super().__init__(
             backbone=parts.backbone, reward=reward, objective=objective, sample_shape=shape,
             groups_per_round=groups_per_round, group_size=group_size, steps_per_round=steps_per_round,
-            minibatch_size=minibatch_size, solver=solver, n_sample_steps=n_sample_steps, normalizer=normalizer, lr=lr,
-            weight_decay=weight_decay, lora=lora, rollout_seed=rollout_seed, predict_samples=predict_samples,
-            predict_seed=predict_seed, predict_batch_size=predict_batch_size, default_callbacks=default_callbacks,
-            step_metrics=step_metrics, lr_final=lr_final,
+            minibatch_size=minibatch_size, solver=solver, n_sample_steps=n_sample_steps, normalizer=normalizer,
+            optimizer=optimizer, lr_scheduler=lr_scheduler, lora=lora, rollout_seed=rollout_seed,
+            predict_samples=predict_samples, predict_seed=predict_seed, predict_batch_size=predict_batch_size,
+            predict_policy=predict_policy, default_callbacks=default_callbacks, step_metrics=step_metrics,
         )
         if isinstance(pipeline, PipelineParts):
             self.hparams["pipeline"] = f"<{parts.family} pipeline: {parts.source}>"
@@ -173,7 +177,7 @@ class PipelineFineTuningModule(RewardFineTuningModule):
     # ------------------------------------------------------------------ sampling
     def sample_times(self) -> Tensor:
         """The family's own grid for ``n_sample_steps`` at this resolution (SD3 shift 3, Flux's shift, DDIM)."""
-        return self.parts.time_grid(self.hparams.n_sample_steps, self.height, self.width).to(self.device)
+        return self.parts.time_grid(self.n_sample_steps, self.height, self.width).to(self.device)
 
     @property
     def trains_guided(self) -> bool:
@@ -190,10 +194,6 @@ class PipelineFineTuningModule(RewardFineTuningModule):
 
     def old_velocity(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         base = super().old_velocity
-        return self._guide(base, x, t, cond) if self.trains_guided else base(x, t, cond)
-
-    def reference_velocity(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
-        base = super().reference_velocity
         return self._guide(base, x, t, cond) if self.trains_guided else base(x, t, cond)
 
     def policy_velocity(self, policy):
@@ -218,6 +218,45 @@ class PipelineFineTuningModule(RewardFineTuningModule):
     def compute_rewards(self, x1: Tensor, cond: Any) -> Tensor:
         """Rewards of the decoded images (pixels in ``[-1, 1]``)."""
         return super().compute_rewards(self.decoder(x1), cond)
+
+    # ------------------------------------------------------------------ copies of the weights (full fine-tuning)
+    def configure_online_fine_tuning(self, network, *args, **kwargs) -> None:
+        """As the mixin's, but without a reference copy yet: :meth:`setup` makes one only when something uses it."""
+        super().configure_online_fine_tuning(network, *args, **kwargs)
+        if not self.uses_lora:
+            self.reference_backbone = None
+
+    def needs_reference(self) -> bool:
+        """Whether anything evaluates the frozen initial model: a KL anchor, GRPO's KL term, Adjoint Matching."""
+        from lightning_nft.callbacks import KLAnchor
+
+        callbacks = self.trainer.callbacks if self._trainer is not None else []
+        return (float(self.kl_weight) > 0 or float(getattr(self.objective, "kl_weight", 0.0) or 0.0) > 0
+                or bool(self.objective.needs_reward_gradient) or any(isinstance(c, KLAnchor) for c in callbacks))
+
+    def setup(self, stage: str) -> None:
+        """Full fine-tuning: the reference copy is made here, from the pipeline's weights, only when needed.
+
+        Copies are full models (2.2 B parameters for SD3.5-Medium): the trained weights, the old policy
+        (its EMA state) and the reference only if :meth:`needs_reference`. ``setup`` runs before a
+        checkpoint is restored, so a resumed run also gets the pipeline's initial weights as reference
+        (checkpoints do not carry it).
+        """
+        super().setup(stage)
+        if stage == "fit" and not self.uses_lora and self.reference_backbone is None and self.needs_reference():
+            self.reference_backbone = _frozen_copy(self.policy_network).to(self.device)
+
+    def reference_pairs(self) -> tuple[list[Tensor], list[Tensor]]:
+        if not self.uses_lora and self.reference_backbone is None:
+            return [], []
+        return super().reference_pairs()
+
+    def reference_velocity(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        if not self.uses_lora and self.reference_backbone is None:
+            raise RuntimeError("this run keeps no reference copy (no KL anchor, KL term or Adjoint Matching uses one); "
+                               "add a KLAnchor callback or a KL weight to evaluate the reference")
+        base = super().reference_velocity
+        return self._guide(base, x, t, cond) if self.trains_guided else base(x, t, cond)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_keys(self, state_dict: dict[str, Any]) -> list[str]:
