@@ -38,11 +38,12 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
+from lightning_nft.advantages import Normalizer
 from lightning_nft.conditions import Conditions, condition_to
 from lightning_nft.guidance import guided_velocity
 from lightning_nft.module import LoraSettings, RewardFineTuningModule, default_optimizer
-from lightning_nft.advantages import Normalizer
 from lightning_nft.objectives.base import Objective
 from lightning_nft.pipelines.build import build_pipeline
 from lightning_nft.pipelines.common import PipelineParts
@@ -163,6 +164,7 @@ class PipelineFineTuningModule(RewardFineTuningModule):
         rows = [self._embeddings[p] for p in prompts]
         return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
 
+    @override
     def sample_conditions(self, n_groups: int, generator: torch.Generator) -> Conditions:
         """``n_groups`` prompts drawn with ``generator``: embeddings for the backbone, the prompt as metadata."""
         idx = torch.randint(len(self.prompts), (n_groups,), generator=generator).tolist()
@@ -175,6 +177,7 @@ class PipelineFineTuningModule(RewardFineTuningModule):
         return condition_to(Conditions(self.encode([self.negative_prompt] * n)), self.device)
 
     # ------------------------------------------------------------------ sampling
+    @override
     def sample_times(self) -> Tensor:
         """The family's own grid for ``n_sample_steps`` at this resolution (SD3 shift 3, Flux's shift, DDIM)."""
         return self.parts.time_grid(self.n_sample_steps, self.height, self.width).to(self.device)
@@ -187,24 +190,28 @@ class PipelineFineTuningModule(RewardFineTuningModule):
     def _guide(self, velocity, x: Tensor, t: Tensor, cond: Any) -> Tensor:
         return guided_velocity(velocity, x, t, cond, self.unconditional(x.shape[0]), self.guidance_scale)
 
+    @override
     def velocity(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         """Current policy; guided when :attr:`trains_guided` (the likelihood ratio is of the guided step)."""
         base = super().velocity
         return self._guide(base, x, t, cond) if self.trains_guided else base(x, t, cond)
 
+    @override
     def old_velocity(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         base = super().old_velocity
         return self._guide(base, x, t, cond) if self.trains_guided else base(x, t, cond)
 
-    def policy_velocity(self, policy):
+    @override
+    def policy_velocity(self, policy: PolicyRole):
         """The field rollouts integrate: guided by ``guidance_scale`` (already so when :attr:`trains_guided`)."""
         base = super().policy_velocity(policy)
         if self.guidance_scale == 1.0 or self.trains_guided:
             return base
         return lambda x, t, cond=None: self._guide(base, x, t, cond)
 
+    @override
     @torch.no_grad()
-    def sample(self, x0: Tensor, cond: Any = None, *, policy="current", solver: Optional[Solver] = None,
+    def sample(self, x0: Tensor, cond: Any = None, *, policy: PolicyRole = "current", solver: Optional[Solver] = None,
                times: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
                return_trajectory: bool = False, return_log_probs: bool = False) -> SampleOutput:
         """Integrate from unit noise ``x0 (B, C, h, w)``, started at ``s(t0) x0`` on the family's grid."""
@@ -214,12 +221,14 @@ class PipelineFineTuningModule(RewardFineTuningModule):
                              generator=generator, return_trajectory=return_trajectory,
                              return_log_probs=return_log_probs)
 
+    @override
     @torch.no_grad()
     def compute_rewards(self, x1: Tensor, cond: Any) -> Tensor:
         """Rewards of the decoded images (pixels in ``[-1, 1]``)."""
         return super().compute_rewards(self.decoder(x1), cond)
 
     # ------------------------------------------------------------------ copies of the weights (full fine-tuning)
+    @override
     def configure_online_fine_tuning(self, network, *args, **kwargs) -> None:
         """As the mixin's, but without a reference copy yet: :meth:`setup` makes one only when something uses it."""
         super().configure_online_fine_tuning(network, *args, **kwargs)
@@ -234,6 +243,7 @@ class PipelineFineTuningModule(RewardFineTuningModule):
         return (float(self.kl_weight) > 0 or float(getattr(self.objective, "kl_weight", 0.0) or 0.0) > 0
                 or bool(self.objective.needs_reward_gradient) or any(isinstance(c, KLAnchor) for c in callbacks))
 
+    @override
     def setup(self, stage: str) -> None:
         """Full fine-tuning: the reference copy is made here, from the pipeline's weights, only when needed.
 
@@ -246,11 +256,13 @@ class PipelineFineTuningModule(RewardFineTuningModule):
         if stage == "fit" and not self.uses_lora and self.reference_backbone is None and self.needs_reference():
             self.reference_backbone = _frozen_copy(self.policy_network).to(self.device)
 
+    @override
     def reference_pairs(self) -> tuple[list[Tensor], list[Tensor]]:
         if not self.uses_lora and self.reference_backbone is None:
             return [], []
         return super().reference_pairs()
 
+    @override
     def reference_velocity(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         if not self.uses_lora and self.reference_backbone is None:
             raise RuntimeError("this run keeps no reference copy (no KL anchor, KL term or Adjoint Matching uses one); "
@@ -265,6 +277,7 @@ class PipelineFineTuningModule(RewardFineTuningModule):
             return [k for k in state_dict if k.startswith("backbone.") and ".lora_" in k]
         return [k for k in state_dict if k.startswith(("backbone.", "old_backbone."))]
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
