@@ -64,15 +64,18 @@ def test_rollout_and_score_equals_the_sequential_round(objective):
     with torch.no_grad():
         seq = m.rollout(x0, None, torch.Generator().manual_seed(2))
         seq_rewards = m.compute_rewards(seq.samples, None)
-        one, one_rewards = rollout_and_score(m, x0, None, torch.Generator().manual_seed(2), group_size=4, chunks=1)
+        one, one_rewards = rollout_and_score(m.rollout, m.compute_rewards, x0, None, torch.Generator().manual_seed(2),
+                                             group_size=4, chunks=1)
     assert torch.equal(one.samples, seq.samples) and torch.equal(one_rewards, seq_rewards)
     if objective == "nft":  # an ODE rollout does not draw from the generator: any chunking gives the same samples
         with torch.no_grad():
-            out, rewards = rollout_and_score(m, x0, None, torch.Generator().manual_seed(2), group_size=4, chunks=4)
+            out, rewards = rollout_and_score(m.rollout, m.compute_rewards, x0, None, torch.Generator().manual_seed(2),
+                                             group_size=4, chunks=4)
         assert torch.allclose(out.samples, seq.samples, atol=1e-6) and torch.allclose(rewards, seq_rewards, atol=1e-6)
     else:  # the SDE draws chunk by chunk: trajectories and log-probs are joined along the batch
         with torch.no_grad():
-            out, rewards = rollout_and_score(m, x0, None, torch.Generator().manual_seed(2), group_size=4, chunks=3)
+            out, rewards = rollout_and_score(m.rollout, m.compute_rewards, x0, None, torch.Generator().manual_seed(2),
+                                             group_size=4, chunks=3)
         assert out.trajectory.shape == seq.trajectory.shape and out.log_probs.shape == seq.log_probs.shape
         assert torch.equal(out.trajectory[0], x0) and torch.equal(out.trajectory[-1], out.samples)
         assert torch.allclose(rewards, LinearReward(DIRECTION)(out.samples))

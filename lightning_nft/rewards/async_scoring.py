@@ -94,12 +94,14 @@ def concat_sample_outputs(outputs: Sequence[SampleOutput]) -> SampleOutput:
     )
 
 
-def rollout_and_score(pl_module: Any, x0: Tensor, cond: Any, generator: torch.Generator, group_size: int,
-                      chunks: int, executor: Optional[ThreadPoolExecutor] = None) -> tuple[SampleOutput, Tensor]:
-    """``pl_module.rollout`` chunk by chunk (whole groups) with ``pl_module.compute_rewards`` overlapped.
+def rollout_and_score(rollout: Callable[[Tensor, Any, torch.Generator], SampleOutput], score: ScoreFn,
+                      x0: Tensor, cond: Any, generator: torch.Generator, group_size: int, chunks: int,
+                      executor: Optional[ThreadPoolExecutor] = None) -> tuple[SampleOutput, Tensor]:
+    """``rollout`` chunk by chunk (whole groups) with ``score`` of each chunk overlapped.
 
     The drop-in for ``out = pl_module.rollout(x0, cond, g); rewards = pl_module.compute_rewards(out.samples, cond)``
-    in the rollout collection. ``x0``: ``(P K, *S)`` noises, ``cond``: ``P K`` rows; returns the joined
+    in the rollout collection: ``rollout_and_score(pl_module.rollout, pl_module.compute_rewards, x0, cond, g,
+    K, chunks)``. ``x0``: ``(P K, *S)`` noises, ``cond``: ``P K`` rows; returns the joined
     :class:`SampleOutput` and rewards ``(P K,)``. With ``chunks=1`` it is exactly the sequential code.
     """
     n = x0.shape[0]
@@ -110,8 +112,8 @@ def rollout_and_score(pl_module: Any, x0: Tensor, cond: Any, generator: torch.Ge
     def sample(k: int) -> tuple[Tensor, Any, SampleOutput]:
         idx = parts[k]
         part_cond = index_condition(cond, idx) if cond is not None else None
-        out = pl_module.rollout(x0[idx.to(x0.device)], part_cond, generator)
+        out = rollout(x0[idx.to(x0.device)], part_cond, generator)
         return out.samples, part_cond, out
 
-    results, rewards = sample_and_score(sample, pl_module.compute_rewards, len(parts), executor=executor)
+    results, rewards = sample_and_score(sample, score, len(parts), executor=executor)
     return concat_sample_outputs([r[2] for r in results]), rewards

@@ -1,0 +1,162 @@
+"""Wall time per round of the digits main job with its scorer behind the reference server (+100 ms per request).
+
+Arms, all the digits main job's round (``configs/digits_nft.yaml``: the shipped 8x8 flow, DiffusionNFT,
+8 groups x 32 samples, 10 Euler steps, 8 gradient steps, ramped EMA old policy, KL anchor 0.03; no
+evaluation callbacks, no logger) with the classifier reward "probability of a 3":
+
+* ``local``: the reward in process (the reference);
+* ``remote``: the same reward served by ``lightning-nft serve-reward`` on 127.0.0.1 in another
+  process, wrapped so that every request takes ``--latency`` seconds longer (``SlowDigitReward``,
+  the sleep is inside the server's scoring lock, as a slow model would be); one request per round;
+* ``remote_overlap``: as ``remote``, the round sampled in ``--chunks`` chunks of whole groups with
+  chunk ``k`` scored while chunk ``k + 1`` is sampled (:func:`~lightning_nft.rewards.async_scoring.rollout_and_score`).
+
+The arms are interleaved (``--reps`` repetitions of ``local, remote, remote_overlap``, ``--rounds``
+rounds each, the first round of each fit discarded), so a drift of the machine's load hits all arms
+alike. A round is timed from one ``on_train_epoch_start`` to the next (collection, scoring,
+normalisation, steps, EMA). Printed: the median round time of each arm and its ratio to ``local``.
+
+    python benchmarks/reward_overlap.py                  # latency 0.1 s, chunks 2
+    python benchmarks/reward_overlap.py --chunks 4 --reps 3
+
+Wiring used for ``remote_overlap``: ``OverlappedRollouts`` below makes the module's ``rollout``
+call ``rollout_and_score`` and hands the rewards it computed to the following ``compute_rewards``;
+in the library this belongs in ``OnlineRollout.collect`` (see the module docstring of
+``lightning_nft.rewards.async_scoring``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightning_nft.callbacks import EMAOldPolicy, KLAnchor
+from lightning_nft.models import load_pretrained_digits_flow
+from lightning_nft.module import RewardFineTuningModule
+from lightning_nft.objectives import NFTObjective
+from lightning_nft.rewards import DigitClassifierReward, RemoteReward
+from lightning_nft.rewards.async_scoring import rollout_and_score
+
+HERE = Path(__file__).resolve().parent
+
+
+class SlowDigitReward(DigitClassifierReward):
+    """``DigitClassifierReward`` that sleeps ``latency`` seconds per call (a slow scorer, for this benchmark)."""
+
+    def __init__(self, target: Optional[int] = 3, mode: str = "prob", latency: float = 0.1) -> None:
+        super().__init__(target=target, mode=mode)
+        self.latency = float(latency)
+
+    def forward(self, samples, cond=None):
+        time.sleep(self.latency)
+        return super().forward(samples, cond)
+
+
+class OverlappedRollouts(RewardFineTuningModule):
+    """The module with rollouts sampled in chunks and each chunk scored while the next is sampled."""
+
+    score_chunks = 2
+
+    def rollout(self, x0, cond, generator):
+        out, rewards = rollout_and_score(super().rollout, super().compute_rewards, x0, cond, generator,
+                                         self.hparams.group_size, self.score_chunks)
+        self._scored = (out.samples, rewards)
+        return out
+
+    def compute_rewards(self, x1, cond):
+        scored = getattr(self, "_scored", None)
+        if scored is not None and scored[0] is x1:
+            self._scored = None
+            return scored[1]
+        return super().compute_rewards(x1, cond)
+
+
+class RoundTimer(Callback):
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.starts.append(time.perf_counter())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.starts.append(time.perf_counter())
+
+    def round_times(self, skip: int = 1) -> list[float]:
+        return [b - a for a, b in zip(self.starts[:-1], self.starts[1:])][skip:]
+
+
+def start_server(latency: float) -> tuple[subprocess.Popen, str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "lightning_nft", "serve-reward", "--reward.class_path", "reward_overlap.SlowDigitReward",
+           "--reward.init_args.target", "3", "--reward.init_args.latency", str(latency), "--port", "0",
+           "--torch_threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    line = proc.stdout.readline()
+    if "serving" not in line:
+        proc.kill()
+        raise RuntimeError(f"reward server did not start: {line!r}")
+    return proc, line.strip().rsplit(" ", 1)[-1]
+
+
+def make_module(arm: str, url: str, chunks: int) -> RewardFineTuningModule:
+    reward = DigitClassifierReward(target=3) if arm == "local" else RemoteReward(url, timeout=30, seed=0)
+    cls = OverlappedRollouts if arm == "remote_overlap" else RewardFineTuningModule
+    module = cls(load_pretrained_digits_flow(), reward, NFTObjective(beta=1.0), sample_shape=[1, 8, 8],
+                 groups_per_round=8, group_size=32, steps_per_round=8, n_sample_steps=10, lr=5e-4)
+    module.score_chunks = chunks
+    return module
+
+
+def run_arm(arm: str, url: str, rounds: int, chunks: int) -> list[float]:
+    timer = RoundTimer()
+    trainer = pl.Trainer(max_epochs=rounds, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[timer, EMAOldPolicy(schedule="ramp", ramp_rate=0.05, max_decay=0.9),
+                                    KLAnchor(weight=0.03)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(make_module(arm, url, chunks))
+    return timer.round_times()
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--latency", type=float, default=0.1)
+    parser.add_argument("--chunks", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    proc, url = start_server(args.latency)
+    arms = ["local", "remote", "remote_overlap"]
+    times: dict[str, list[float]] = {a: [] for a in arms}
+    try:
+        for _ in range(args.reps):
+            for arm in arms:
+                times[arm].extend(run_arm(arm, url, args.rounds, args.chunks))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    med = {a: statistics.median(v) for a, v in times.items()}
+    print(f"latency {args.latency:.3f} s per request, chunks {args.chunks}, {len(times['local'])} rounds per arm")
+    for arm in arms:
+        print(f"{arm:>15}: median round {med[arm] * 1000:7.1f} ms   ratio to local {med[arm] / med['local']:.3f}")
+    return med
+
+
+if __name__ == "__main__":
+    main()
