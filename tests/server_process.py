@@ -57,7 +57,7 @@ def start_server(folder: Path, reward_args: list[str], faults: bool = True, extr
     folder.mkdir(parents=True, exist_ok=True)
     plan, log = folder / "plan.json", folder / "log.jsonl"
     plan.write_text("[]")
-    common = ["--host", "127.0.0.1", "--port", "0", "--torch_threads", "1", *reward_args, *(extra or [])]
+    common = [*reward_args, "--host", "127.0.0.1", "--port", "0", "--torch_threads", "1", *(extra or [])]
     if faults:
         cmd = [sys.executable, str(TESTS / "fault_server.py"), "--plan", str(plan), "--log", str(log), *common]
     else:

@@ -98,13 +98,18 @@ def test_round_robin_skips_a_dead_endpoint(server):
 
 
 def test_round_robin_alternates_between_live_endpoints(server, tmp_path):
-    other = start_server(tmp_path / "other", LINEAR)
+    """The second server is the plain ``lightning-nft serve-reward --config <yaml>`` (no fault injection)."""
+    config = tmp_path / "server.yaml"
+    config.write_text(f"reward:\n  class_path: lightning_nft.rewards.LinearReward\n"
+                      f"  init_args:\n    direction: {json.dumps(DIRECTION)}\n")
+    other = start_server(tmp_path / "other", ["--config", str(config)], faults=False)
     try:
         remote = RemoteReward([server.url, other.url], max_retries=0, seed=0, batch_size=2)
         before = len(server.requests_logged())
         x = samples(3, n=8)
         assert torch.equal(remote(x), LinearReward(DIRECTION)(x))
-        assert len(server.requests_logged()) - before == 2 and len(other.requests_logged()) == 2
+        assert len(server.requests_logged()) - before == 2
+        assert requests.get(f"{other.url}/health", timeout=10).json()["requests_scored"] == 2
     finally:
         other.stop()
 
@@ -195,3 +200,16 @@ def test_the_reward_error_of_a_served_scorer_is_a_422_with_its_message(tmp_path)
         assert requests.get(f"{s.url}/health", timeout=10).status_code == 200
     finally:
         s.stop()
+
+
+def test_the_shipped_server_config_builds_its_reward():
+    from pathlib import Path
+
+    from lightning_nft.reward_server import build_parser
+    from lightning_nft.rewards import DigitClassifierReward
+
+    parser = build_parser()
+    config = Path(__file__).resolve().parents[1] / "configs" / "reward_server_digits.yaml"
+    cfg = parser.parse_args(["--config", str(config), "--port", "0"])
+    reward = parser.instantiate_classes(cfg).reward
+    assert isinstance(reward, DigitClassifierReward) and reward.target == 3 and cfg.port == 0
