@@ -14,7 +14,9 @@ evaluation callbacks, no logger) with the classifier reward "probability of a 3"
 The arms are interleaved (``--reps`` repetitions of ``local, remote, remote_overlap``, ``--rounds``
 rounds each, the first round of each fit discarded), so a drift of the machine's load hits all arms
 alike. A round is timed from one ``on_train_epoch_start`` to the next (collection, scoring,
-normalisation, steps, EMA). Printed: the median round time of each arm and its ratio to ``local``.
+normalisation, steps, EMA), the collection from the round start to its first step. Printed: the
+median round time of each arm and its ratio to ``local``, and the median collection time and what the
+remote scorer adds to it (the part the overlap can hide).
 
     python benchmarks/reward_overlap.py                  # latency 0.1 s, chunks 2
     python benchmarks/reward_overlap.py --chunks 4 --reps 3
@@ -84,17 +86,28 @@ class OverlappedRollouts(RewardFineTuningModule):
 
 
 class RoundTimer(Callback):
+    """Round starts (before the collection: this callback runs before the module's ``OnlineRollout``) and
+    first-step starts (after it): round time and collection time (sampling + scoring)."""
+
     def __init__(self) -> None:
         self.starts: list[float] = []
+        self.collected: list[float] = []
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self.starts.append(time.perf_counter())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self.collected.append(time.perf_counter() - self.starts[-1])
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.starts.append(time.perf_counter())
 
     def round_times(self, skip: int = 1) -> list[float]:
         return [b - a for a, b in zip(self.starts[:-1], self.starts[1:])][skip:]
+
+    def collection_times(self, skip: int = 1) -> list[float]:
+        return self.collected[skip:]
 
 
 def start_server(latency: float) -> tuple[subprocess.Popen, str]:
@@ -120,7 +133,7 @@ def make_module(arm: str, url: str, chunks: int) -> RewardFineTuningModule:
     return module
 
 
-def run_arm(arm: str, url: str, rounds: int, chunks: int) -> list[float]:
+def run_arm(arm: str, url: str, rounds: int, chunks: int) -> tuple[list[float], list[float]]:
     timer = RoundTimer()
     trainer = pl.Trainer(max_epochs=rounds, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
@@ -129,7 +142,7 @@ def run_arm(arm: str, url: str, rounds: int, chunks: int) -> list[float]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(make_module(arm, url, chunks))
-    return timer.round_times()
+    return timer.round_times(), timer.collection_times()
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
@@ -144,18 +157,23 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     proc, url = start_server(args.latency)
     arms = ["local", "remote", "remote_overlap"]
     times: dict[str, list[float]] = {a: [] for a in arms}
+    collect: dict[str, list[float]] = {a: [] for a in arms}
     try:
         for _ in range(args.reps):
             for arm in arms:
-                times[arm].extend(run_arm(arm, url, args.rounds, args.chunks))
+                rounds, collections = run_arm(arm, url, args.rounds, args.chunks)
+                times[arm].extend(rounds)
+                collect[arm].extend(collections)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     med = {a: statistics.median(v) for a, v in times.items()}
+    col = {a: statistics.median(v) for a, v in collect.items()}
     print(f"latency {args.latency:.3f} s per request, chunks {args.chunks}, {len(times['local'])} rounds per arm")
     for arm in arms:
-        print(f"{arm:>15}: median round {med[arm] * 1000:7.1f} ms   ratio to local {med[arm] / med['local']:.3f}")
-    return med
+        print(f"{arm:>15}: median round {med[arm] * 1000:7.1f} ms (ratio to local {med[arm] / med['local']:.3f}); "
+              f"collection {col[arm] * 1000:7.1f} ms (+{(col[arm] - col['local']) * 1000:6.1f} ms)")
+    return {"round": med, "collection": col}
 
 
 if __name__ == "__main__":

@@ -207,6 +207,12 @@ def build_parser() -> Any:
     return parser
 
 
+def instantiate(parser: Any, cfg: Any) -> Any:
+    """``parser.instantiate`` (jsonargparse >= 4.49) or ``instantiate_classes`` (older)."""
+    build = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    return build(cfg)
+
+
 def make_server(args: Optional[Sequence[str]] = None,
                 handler: type[BaseHTTPRequestHandler] | None = None) -> RewardServer:
     """Parse ``args`` and build (not start) the server."""
@@ -214,7 +220,7 @@ def make_server(args: Optional[Sequence[str]] = None,
     cfg = parser.parse_args(list(args) if args is not None else None)
     if cfg.torch_threads is not None:
         torch.set_num_threads(int(cfg.torch_threads))
-    reward = parser.instantiate_classes(cfg).reward
+    reward = instantiate(parser, cfg).reward
     return RewardServer((cfg.host, cfg.port), reward, cfg.device, cfg.max_batch,
                         int(cfg.max_request_mb * 2**20), handler=handler, verbose=cfg.verbose)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -282,4 +281,3 @@ def test_text_features_are_computed_once_per_distinct_prompt(models):
     pick.text_embeddings = lambda prompts: (calls.append(list(prompts)), original(prompts))[1]
     pick(images_family(0, (32, 32), n=6), cond_for(6))
     assert calls == [["a red cat", "a dog", "7 apples", "two birds"]]
-    _ = np  # numpy is used through the processors' inputs

@@ -205,11 +205,11 @@ def test_the_reward_error_of_a_served_scorer_is_a_422_with_its_message(tmp_path)
 def test_the_shipped_server_config_builds_its_reward():
     from pathlib import Path
 
-    from lightning_nft.reward_server import build_parser
+    from lightning_nft.reward_server import build_parser, instantiate
     from lightning_nft.rewards import DigitClassifierReward
 
     parser = build_parser()
     config = Path(__file__).resolve().parents[1] / "configs" / "reward_server_digits.yaml"
     cfg = parser.parse_args(["--config", str(config), "--port", "0"])
-    reward = parser.instantiate_classes(cfg).reward
+    reward = instantiate(parser, cfg).reward
     assert isinstance(reward, DigitClassifierReward) and reward.target == 3 and cfg.port == 0

@@ -16,14 +16,19 @@ which :class:`AestheticHead` reproduces so it loads unchanged. The CLIP model is
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from lightning_nft.rewards.preprocess import ImagePreprocess
-from lightning_nft.rewards.scorer_base import FrozenScorer, as_features, at_least_float32, normalized
+from lightning_nft.rewards.scorer_base import (
+    FrozenScorer,
+    as_features,
+    at_least_float32,
+    load_state_dict_file,
+    normalized,
+    resolve_weights_file,
+)
 
 
 class AestheticHead(nn.Module):
@@ -39,28 +44,6 @@ class AestheticHead(nn.Module):
 
     def forward(self, embeddings: Tensor) -> Tensor:
         return self.layers(embeddings)[:, 0]
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
-    """Tensors of a ``.safetensors`` file or a torch state-dict file (loaded with ``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
-
-
-def resolve_weights_file(path: str, repo: Optional[str] = None) -> str:
-    """``path`` itself, or, when ``repo`` (a hub id) is named in the config, the hub file ``path`` of ``repo``."""
-    if repo is None:
-        return path
-    from huggingface_hub import hf_hub_download
-
-    return hf_hub_download(repo_id=repo, filename=path)
 
 
 class LaionAesthetic(FrozenScorer):

@@ -23,9 +23,15 @@ from typing import Any, Optional
 
 from torch import Tensor
 
-from lightning_nft.rewards.aesthetic import load_state_dict_file, resolve_weights_file
 from lightning_nft.rewards.preprocess import ImagePreprocess
-from lightning_nft.rewards.scorer_base import FrozenScorer, at_least_float32, normalized, unique_rows
+from lightning_nft.rewards.scorer_base import (
+    FrozenScorer,
+    at_least_float32,
+    load_state_dict_file,
+    normalized,
+    resolve_weights_file,
+    unique_rows,
+)
 
 
 def import_open_clip() -> Any:

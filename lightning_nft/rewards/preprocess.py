@@ -24,7 +24,7 @@ references is tested in ``tests/test_reward_preprocess.py`` (within the uint8 ro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -140,9 +140,3 @@ def to_uint8_images(images: Tensor) -> Tensor:
     """Images in ``[-1, 1]`` ``(B, C, H, W)`` -> uint8 ``(B, H, W, C)`` on the CPU (what a PIL processor sees)."""
     u = ((images.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
     return u.permute(0, 2, 3, 1).cpu()
-
-
-def check_batch_conditions(n: int, prompts: Sequence[Any], source: str) -> None:
-    """Raise naming ``source`` when the number of prompts differs from the number of images."""
-    if len(prompts) != n:
-        raise ValueError(f"{source}: {len(prompts)} prompts for {n} images")

@@ -11,10 +11,11 @@ for a :class:`~lightning_nft.conditions.Conditions`, or one fixed ``prompt`` for
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_nft.conditions import Conditions
 from lightning_nft.rewards.base import Reward
@@ -93,6 +94,23 @@ def as_features(output: Any) -> Tensor:
     return pooled
 
 
-def frozen(module: nn.Module) -> nn.Module:
-    """``module`` with no trainable parameters, in eval mode."""
-    return module.requires_grad_(False).eval()
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """Tensors of a ``.safetensors`` file or a torch state-dict file (loaded with ``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def resolve_weights_file(path: str, repo: Optional[str] = None) -> str:
+    """``path`` itself, or, when ``repo`` (a hub id) is named in the config, the hub file ``path`` of ``repo``."""
+    if repo is None:
+        return path
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(repo_id=repo, filename=path)
