@@ -11,9 +11,9 @@ evaluation callbacks, no logger) with the classifier reward "probability of a 3"
 * ``remote_overlap``: as ``remote``, the round sampled in ``--chunks`` chunks of whole groups with
   chunk ``k`` scored while chunk ``k + 1`` is sampled (:func:`~lightning_nft.rewards.async_scoring.rollout_and_score`).
 
-The arms are interleaved (``--reps`` repetitions of ``local, remote, remote_overlap``, ``--rounds``
-rounds each, the first round of each fit discarded), so a drift of the machine's load hits all arms
-alike. A round is timed from one ``on_train_epoch_start`` to the next (collection, scoring,
+The arms are interleaved (``--reps`` repetitions of the three arms in a new random order each time,
+``--rounds`` rounds each, the first round of each fit discarded), so a drift of the machine's load
+hits all arms alike; the ratio is also given per repetition (median over repetitions). A round is timed from one ``on_train_epoch_start`` to the next (collection, scoring,
 normalisation, steps, EMA), the collection from the round start to its first step. Printed: the
 median round time of each arm and its ratio to ``local``, and the median collection time and what the
 remote scorer adds to it (the part the overlap can hide).
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -158,12 +159,18 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     arms = ["local", "remote", "remote_overlap"]
     times: dict[str, list[float]] = {a: [] for a in arms}
     collect: dict[str, list[float]] = {a: [] for a in arms}
+    rep_ratios: dict[str, list[float]] = {a: [] for a in arms}
+    order = random.Random(0)
     try:
         for _ in range(args.reps):
-            for arm in arms:
+            rep: dict[str, float] = {}
+            for arm in order.sample(arms, len(arms)):  # a new order each repetition: no arm always first
                 rounds, collections = run_arm(arm, url, args.rounds, args.chunks)
                 times[arm].extend(rounds)
                 collect[arm].extend(collections)
+                rep[arm] = statistics.median(rounds)
+            for arm in arms:
+                rep_ratios[arm].append(rep[arm] / rep["local"])
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -171,9 +178,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     col = {a: statistics.median(v) for a, v in collect.items()}
     print(f"latency {args.latency:.3f} s per request, chunks {args.chunks}, {len(times['local'])} rounds per arm")
     for arm in arms:
-        print(f"{arm:>15}: median round {med[arm] * 1000:7.1f} ms (ratio to local {med[arm] / med['local']:.3f}); "
-              f"collection {col[arm] * 1000:7.1f} ms (+{(col[arm] - col['local']) * 1000:6.1f} ms)")
-    return {"round": med, "collection": col}
+        print(f"{arm:>15}: median round {med[arm] * 1000:7.1f} ms (ratio of medians {med[arm] / med['local']:.3f}, "
+              f"median of per-repetition ratios {statistics.median(rep_ratios[arm]):.3f}); "
+              f"collection {col[arm] * 1000:7.1f} ms ({(col[arm] - col['local']) * 1000:+7.1f} ms)")
+    return {"round": med, "collection": col, "ratios": rep_ratios}
 
 
 if __name__ == "__main__":

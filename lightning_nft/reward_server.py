@@ -69,6 +69,12 @@ class RewardServer(ThreadingHTTPServer):
         self.score_lock = threading.Lock()
         self.requests_scored = 0
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away (timed out, dropped) is routine: no traceback; anything else is printed."""
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            return
+        super().handle_error(request, client_address)
+
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]

@@ -203,6 +203,8 @@ class RemoteReward(Reward):
     # ------------------------------------------------------------------ the reward
     def forward(self, samples: Tensor, cond: Any = None) -> Tensor:
         n = samples.shape[0]
+        if n == 0:
+            return torch.zeros(0, device=samples.device)
         metadata = metadata_of(cond, n)
         plain = cond if (self.send_cond and isinstance(cond, Tensor)) else None
         step = self.batch_size or n
