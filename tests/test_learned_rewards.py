@@ -281,3 +281,11 @@ def test_text_features_are_computed_once_per_distinct_prompt(models):
     pick.text_embeddings = lambda prompts: (calls.append(list(prompts)), original(prompts))[1]
     pick(images_family(0, (32, 32), n=6), cond_for(6))
     assert calls == [["a red cat", "a dog", "7 apples", "two birds"]]
+
+
+def test_hps_without_open_clip_says_how_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # as if the optional extra were not installed
+    with pytest.raises(ImportError, match=r"lightning-nft\[hps\]"):
+        HPSv2("local-dir:/nowhere")

@@ -38,7 +38,7 @@ def import_open_clip() -> Any:
     """``open_clip``, or an ``ImportError`` saying how to install it."""
     try:
         import open_clip
-    except ImportError as err:  # pragma: no cover - depends on the environment
+    except ImportError as err:
         raise ImportError(
             "HPSv2 needs the open_clip package: pip install 'lightning-nft[hps]' (or open_clip_torch)"
         ) from err
