@@ -188,10 +188,10 @@ class RemoteReward(Reward):
                 result = self._attempt(url, body, n)
             except _AttemptFailed as err:
                 last = err
-                self._mark(i, alive=False)
-                if not err.retryable:
+                if not err.retryable:  # the request is at fault, not the endpoint
                     raise RewardScoringError(f"remote reward at {url} refused the request: {err}",
                                              [url], err, retryable=False) from err
+                self._mark(i, alive=False)
                 continue
             self._mark(i, alive=True)
             return result
