@@ -20,6 +20,7 @@ remote scorer adds to it (the part the overlap can hide).
 
     python benchmarks/reward_overlap.py                  # latency 0.1 s, chunks 2
     python benchmarks/reward_overlap.py --chunks 4 --reps 3
+    python benchmarks/reward_overlap.py --latency 0 --per_sample 0.004 --chunks 4   # a scorer that scales with B
 
 Wiring used for ``remote_overlap``: ``OverlappedRollouts`` below makes the module's ``rollout``
 call ``rollout_and_score`` and hands the rewards it computed to the following ``compute_rewards``;
@@ -56,14 +57,16 @@ HERE = Path(__file__).resolve().parent
 
 
 class SlowDigitReward(DigitClassifierReward):
-    """``DigitClassifierReward`` that sleeps ``latency`` seconds per call (a slow scorer, for this benchmark)."""
+    """``DigitClassifierReward`` that sleeps ``latency + per_sample * B`` seconds per call (a slow scorer)."""
 
-    def __init__(self, target: Optional[int] = 3, mode: str = "prob", latency: float = 0.1) -> None:
+    def __init__(self, target: Optional[int] = 3, mode: str = "prob", latency: float = 0.1,
+                 per_sample: float = 0.0) -> None:
         super().__init__(target=target, mode=mode)
         self.latency = float(latency)
+        self.per_sample = float(per_sample)
 
     def forward(self, samples, cond=None):
-        time.sleep(self.latency)
+        time.sleep(self.latency + self.per_sample * samples.shape[0])
         return super().forward(samples, cond)
 
 
@@ -111,11 +114,12 @@ class RoundTimer(Callback):
         return self.collected[skip:]
 
 
-def start_server(latency: float) -> tuple[subprocess.Popen, str]:
+def start_server(latency: float, per_sample: float) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "lightning_nft", "serve-reward", "--reward.class_path", "reward_overlap.SlowDigitReward",
-           "--reward.init_args.target", "3", "--reward.init_args.latency", str(latency), "--port", "0",
+           "--reward.init_args.target", "3", "--reward.init_args.latency", str(latency),
+           "--reward.init_args.per_sample", str(per_sample), "--port", "0",
            "--torch_threads", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()
@@ -149,13 +153,14 @@ def run_arm(arm: str, url: str, rounds: int, chunks: int) -> tuple[list[float], 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latency", type=float, default=0.1)
+    parser.add_argument("--per_sample", type=float, default=0.0, help="extra scoring seconds per sample")
     parser.add_argument("--chunks", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    proc, url = start_server(args.latency)
+    proc, url = start_server(args.latency, args.per_sample)
     arms = ["local", "remote", "remote_overlap"]
     times: dict[str, list[float]] = {a: [] for a in arms}
     collect: dict[str, list[float]] = {a: [] for a in arms}
@@ -176,7 +181,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         proc.wait(timeout=30)
     med = {a: statistics.median(v) for a, v in times.items()}
     col = {a: statistics.median(v) for a, v in collect.items()}
-    print(f"latency {args.latency:.3f} s per request, chunks {args.chunks}, {len(times['local'])} rounds per arm")
+    print(f"latency {args.latency:.3f} s per request + {args.per_sample * 1000:.1f} ms per sample, chunks {args.chunks}, "
+          f"{len(times['local'])} rounds per arm")
     for arm in arms:
         print(f"{arm:>15}: median round {med[arm] * 1000:7.1f} ms (ratio of medians {med[arm] / med['local']:.3f}, "
               f"median of per-repetition ratios {statistics.median(rep_ratios[arm]):.3f}); "
