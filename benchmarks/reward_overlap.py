@@ -36,10 +36,8 @@ for one batch of 256 (per-call overhead dominates small batches), which eats mos
 it hides. On a GPU with a large model and batch, chunk sampling is nearly linear in the batch and the
 hidden scoring is a net gain; keep ``chunks=1`` for small CPU jobs.
 
-Wiring used for ``remote_overlap``: ``OverlappedRollouts`` below makes the module's ``rollout``
-call ``rollout_and_score`` and hands the rewards it computed to the following ``compute_rewards``;
-in the library this belongs in ``OnlineRollout.collect`` (see the module docstring of
-``lightning_nft.rewards.async_scoring``).
+``remote_overlap`` is ``RewardFineTuningModule(score_chunks=C)`` (the collection calls
+:func:`~lightning_nft.rewards.async_scoring.rollout_and_score`).
 """
 
 from __future__ import annotations
@@ -62,10 +60,9 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_nft.callbacks import EMAOldPolicy, KLAnchor
 from lightning_nft.models import load_pretrained_digits_flow
-from lightning_nft.module import RewardFineTuningModule
+from lightning_nft.module import RewardFineTuningModule, adamw
 from lightning_nft.objectives import NFTObjective
 from lightning_nft.rewards import DigitClassifierReward, RemoteReward
-from lightning_nft.rewards.async_scoring import rollout_and_score
 
 HERE = Path(__file__).resolve().parent
 
@@ -82,25 +79,6 @@ class SlowDigitReward(DigitClassifierReward):
     def forward(self, samples, cond=None):
         time.sleep(self.latency + self.per_sample * samples.shape[0])
         return super().forward(samples, cond)
-
-
-class OverlappedRollouts(RewardFineTuningModule):
-    """The module with rollouts sampled in chunks and each chunk scored while the next is sampled."""
-
-    score_chunks = 2
-
-    def rollout(self, x0, cond, generator):
-        out, rewards = rollout_and_score(super().rollout, super().compute_rewards, x0, cond, generator,
-                                         self.hparams.group_size, self.score_chunks)
-        self._scored = (out.samples, rewards)
-        return out
-
-    def compute_rewards(self, x1, cond):
-        scored = getattr(self, "_scored", None)
-        if scored is not None and scored[0] is x1:
-            self._scored = None
-            return scored[1]
-        return super().compute_rewards(x1, cond)
 
 
 class RoundTimer(Callback):
@@ -145,11 +123,9 @@ def start_server(latency: float, per_sample: float) -> tuple[subprocess.Popen, s
 
 def make_module(arm: str, url: str, chunks: int) -> RewardFineTuningModule:
     reward = DigitClassifierReward(target=3) if arm == "local" else RemoteReward(url, timeout=30, seed=0)
-    cls = OverlappedRollouts if arm == "remote_overlap" else RewardFineTuningModule
-    module = cls(load_pretrained_digits_flow(), reward, NFTObjective(beta=1.0), sample_shape=[1, 8, 8],
-                 groups_per_round=8, group_size=32, steps_per_round=8, n_sample_steps=10, lr=5e-4)
-    module.score_chunks = chunks
-    return module
+    return RewardFineTuningModule(load_pretrained_digits_flow(), reward, NFTObjective(beta=1.0), sample_shape=[1, 8, 8],
+                                  groups_per_round=8, group_size=32, steps_per_round=8, n_sample_steps=10,
+                                  optimizer=adamw(5e-4), score_chunks=chunks if arm == "remote_overlap" else 1)
 
 
 def run_arm(arm: str, url: str, rounds: int, chunks: int) -> tuple[list[float], list[float]]:

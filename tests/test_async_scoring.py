@@ -28,13 +28,13 @@ from lightning_nft.rewards.remote import RemoteReward, RewardScoringError
 DIRECTION = [1.0, -0.5]
 
 
-def module(objective=None, **kw) -> RewardFineTuningModule:
+def module(objective=None, reward=None, **kw) -> RewardFineTuningModule:
     gmm = GaussianMixture([0.5, 0.5], [[-1.0, 0.0], [1.0, 0.5]], 0.3)
     torch.manual_seed(0)
     bb = ResidualVelocity(gmm, MLPVelocity(2, 16, 1, zero_init=False))
     settings = dict(sample_shape=[2], groups_per_round=6, group_size=4, n_sample_steps=4)
     settings.update(kw)
-    return RewardFineTuningModule(bb, LinearReward(DIRECTION), objective or NFTObjective(beta=1.0), **settings)
+    return RewardFineTuningModule(bb, reward or LinearReward(DIRECTION), objective or NFTObjective(beta=1.0), **settings)
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +139,19 @@ def test_scoring_runs_without_grad_in_the_worker_thread():
     x = torch.randn(3, 2, requires_grad=True)
     _, rewards = sample_and_score(lambda k: (x, None), reward, chunks=2)
     assert modes == [False, False] and not rewards.requires_grad
+
+
+def test_the_module_collects_with_overlapped_remote_scoring(slow_server):
+    """``RewardFineTuningModule(score_chunks=3)`` with a slow remote scorer: the same round as in process."""
+    sequential = module()
+    overlapped = module(reward=RemoteReward(slow_server.url, max_retries=0, timeout=30, seed=0), score_chunks=3)
+    before = len(slow_server.requests_logged())
+    with torch.no_grad():
+        a = sequential.collect_rollouts(round_index=0)
+        b = overlapped.collect_rollouts(round_index=0)
+    assert len(slow_server.requests_logged()) - before == 3  # one request per chunk of 2 groups
+    assert torch.allclose(a.x1, b.x1, atol=1e-6) and torch.allclose(a.rewards, b.rewards, atol=1e-5)
+    assert torch.allclose(b.rewards, LinearReward(DIRECTION)(b.x1))
+    assert torch.allclose(a.advantages, b.advantages, atol=1e-4) and torch.equal(a.group, b.group)
+    with pytest.raises(ValueError, match="score_chunks"):
+        module(score_chunks=0)

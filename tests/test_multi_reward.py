@@ -14,7 +14,7 @@ from lightning_nft.analytic import GaussianMixture
 from lightning_nft.backbones import MLPVelocity, ResidualVelocity
 from lightning_nft.callbacks.reward_components import RewardComponentMetrics
 from lightning_nft.conditions import Conditions
-from lightning_nft.module import RewardFineTuningModule
+from lightning_nft.module import RewardFineTuningModule, adamw
 from lightning_nft.objectives.nft import NFTObjective
 from lightning_nft.rewards.base import LinearReward, Reward
 from lightning_nft.rewards.multi import MultiReward, standardize
@@ -128,7 +128,7 @@ def test_component_mean_and_std_are_logged_per_round(tmp_path):
     reward = MultiReward({k: LinearReward(v) for k, v in dirs.items()}, weights={"b": 0.5})
     module = RewardFineTuningModule(ResidualVelocity(gmm, MLPVelocity(2, 16, 1, zero_init=True)), reward,
                                     NFTObjective(beta=1.0), sample_shape=[2], groups_per_round=3, group_size=6,
-                                    steps_per_round=2, n_sample_steps=4, lr=1e-2)
+                                    steps_per_round=2, n_sample_steps=4, optimizer=adamw(1e-2))
     metrics, record = RewardComponentMetrics(), RecordRollouts()
     logger = TensorBoardLogger(str(tmp_path), name="tb")
     trainer = pl.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=logger, enable_checkpointing=False,

@@ -28,7 +28,7 @@ from server_process import start_server
 from lightning_nft.analytic import GaussianMixture
 from lightning_nft.backbones import MLPVelocity, ResidualVelocity
 from lightning_nft.callbacks.reward_failure import CheckpointOnRewardFailure
-from lightning_nft.module import RewardFineTuningModule
+from lightning_nft.module import RewardFineTuningModule, adamw
 from lightning_nft.objectives.nft import NFTObjective
 from lightning_nft.rewards.remote import RemoteReward, RewardScoringError
 
@@ -46,28 +46,19 @@ class RecordRounds(Callback):
         self.rounds[trainer.current_epoch] = pl_module.rollouts.rewards.clone()
 
 
-class ReseedEachStep(Callback):
-    """The NFT loss draws its noise from the global RNG, which no checkpoint restores (and which the data
-    loader's iterator also draws from); reseeding it before every step in every run makes an
-    uninterrupted and a resumed run comparable bit for bit."""
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        torch.manual_seed(1000 * trainer.current_epoch + batch_idx)
-
-
 def make_module(url: str) -> RewardFineTuningModule:
     gmm = GaussianMixture([0.5, 0.5], [[-1.0, 0.0], [1.0, 0.0]], 0.4)
     torch.manual_seed(0)
     bb = ResidualVelocity(gmm, MLPVelocity(2, 16, 1, zero_init=True))
     reward = RemoteReward(url, max_retries=2, backoff=0.01, timeout=10, seed=0)
     return RewardFineTuningModule(bb, reward, NFTObjective(beta=1.0), sample_shape=[2], groups_per_round=3,
-                                  group_size=8, steps_per_round=3, n_sample_steps=4, lr=1e-2)
+                                  group_size=8, steps_per_round=3, n_sample_steps=4, optimizer=adamw(1e-2))
 
 
 def fit(module, root, callbacks, ckpt_path=None) -> None:
     trainer = pl.Trainer(max_epochs=ROUNDS, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
-                         callbacks=[ReseedEachStep(), *callbacks])
+                         callbacks=callbacks)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, ckpt_path=ckpt_path)
