@@ -104,7 +104,8 @@ class RewardFineTuningModule(OnlineFineTuningMixin):
         rollout_seed: rollout noise of rank ``k`` in round ``e`` comes from a generator seeded by
             ``(rollout_seed, k, e)``, and the loss noise of step ``s`` from ``(rollout_seed, k, e, s)``.
         predict_samples, predict_seed, predict_batch_size, predict_policy: what ``predict`` samples.
-        default_callbacks: add ``OnlineRollout`` and ``EMAOldPolicy`` when the trainer lacks them.
+        default_callbacks: add ``OnlineRollout`` and ``EMAOldPolicy`` when the trainer lacks them (and
+            ``CheckpointOnRewardFailure`` when the reward scores remotely).
         step_metrics: ``True`` logs ``train/loss`` and the objective's diagnostics at every gradient
             step; ``False`` (default) logs their round means once per round, under the same names
             (a ``self.log`` costs a fixed ~0.1-0.5 ms on CPU; ``benchmarks/nft_overhead.py``).
@@ -168,12 +169,15 @@ class RewardFineTuningModule(OnlineFineTuningMixin):
     def configure_callbacks(self) -> list[Callback]:
         if not self.default_callbacks:
             return []
-        from lightning_nft.callbacks import EMAOldPolicy, OnlineRollout
+        from lightning_nft.callbacks import CheckpointOnRewardFailure, EMAOldPolicy, OnlineRollout
+        from lightning_nft.rewards.remote import RemoteReward
 
         present = self.trainer.callbacks if self._trainer is not None else []
         wanted = [OnlineRollout]
         if self.objective.needs_old_policy:
             wanted.append(EMAOldPolicy)
+        if isinstance(self.reward, torch.nn.Module) and any(isinstance(m, RemoteReward) for m in self.reward.modules()):
+            wanted.append(CheckpointOnRewardFailure)  # a scorer that stays down: checkpoint, then stop
         missing = [cls for cls in wanted if not any(isinstance(c, cls) for c in present)]
         return [EMAOldPolicy(decay=self.objective.default_ema_decay) if cls is EMAOldPolicy else cls() for cls in missing]
 

@@ -55,13 +55,15 @@ def make_module(url: str) -> RewardFineTuningModule:
                                   group_size=8, steps_per_round=3, n_sample_steps=4, optimizer=adamw(1e-2))
 
 
-def fit(module, root, callbacks, ckpt_path=None) -> None:
+def fit(module, root, callbacks, ckpt_path=None) -> pl.Trainer:
     trainer = pl.Trainer(max_epochs=ROUNDS, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
                          callbacks=callbacks)
+    module.last_trainer = trainer  # reachable after fit raised
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, ckpt_path=ckpt_path)
+    return trainer
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +82,14 @@ def test_failed_scoring_checkpoints_and_resumes_without_rescoring(server, tmp_pa
 
     start = len(server.requests_logged())
     server.set_plan(["ok"] * fail_round + ["always:500"])
-    failing, fail_rec, saver = make_module(server.url), RecordRounds(), CheckpointOnRewardFailure()
+    failing, fail_rec = make_module(server.url), RecordRounds()
+    # round 2: a saver given explicitly; round 0: the one the module adds itself for a remote reward
+    explicit = [CheckpointOnRewardFailure()] if fail_round else []
     with pytest.raises(RewardScoringError) as info:
-        fit(failing, tmp_path / "run", [fail_rec, saver])
+        fit(failing, tmp_path / "run", [fail_rec, *explicit])
+    savers = [c for c in failing.last_trainer.callbacks if isinstance(c, CheckpointOnRewardFailure)]
+    assert len(savers) == 1
+    saver = savers[0]
     assert server.url in str(info.value) and "HTTP 500" in str(info.value)
     assert sorted(fail_rec.rounds) == list(range(fail_round))
     assert saver.saved_path is not None and saver.saved_path.name == f"reward-failure-round{fail_round}.ckpt"
