@@ -95,6 +95,7 @@ from torch import Tensor
 
 from lightning_nft.paths import expand_like
 from lightning_nft.rewards import require_differentiable
+from lightning_nft.samplers import MemorylessNoise
 
 VelocityFn = Callable[..., Tensor]
 
@@ -184,7 +185,7 @@ def _check_trajectory(trajectory: Tensor, times: Tensor, terminal: Tensor) -> Te
     return times
 
 
-SCHEMES = ("right", "left", "heun")
+SCHEMES = ("right", "left", "heun", "discrete")
 
 
 class _Linearisation:
@@ -215,6 +216,7 @@ def _solve_backward(
     terminal: Tensor,
     scheme: str,
     velocities: Optional[Tensor] = None,
+    bootstrap: Optional[tuple[Tensor, Tensor]] = None,
 ) -> Tensor:
     """Integrate ``d a~/dt = -F(X_t, t, a~)`` backwards, ``F = grad_x [2 <v, a~> + extra]``; return ``a = t a~``.
 
@@ -249,6 +251,11 @@ def _solve_backward(
 
     for k in range(n_steps - 1, -1, -1):
         h = times[k + 1] - times[k]
+        if bootstrap is not None and k + 1 < n_steps:
+            estimate, beta = bootstrap
+            b = float(beta[k + 1])
+            if b > 0:
+                a_tilde = (1 - b) * a_tilde + b * estimate[k + 1].to(a_tilde) / times[k + 1]
         if scheme == "left":
             a_tilde = a_tilde + h * rhs(k, a_tilde)
         elif scheme == "right":
@@ -262,6 +269,52 @@ def _solve_backward(
     return adjoints
 
 
+def memoryless_step_coefficients(times: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(F, G, Var)``, each ``(T,)`` float64, of the memoryless sampler's steps on ``times (T+1,)``.
+
+    One step of ``SDESolver(MemorylessNoise())`` from ``t_k`` to ``t_{k+1}`` is
+    ``X_{k+1} = F_k X_k + G_k v(X_k, t_k) + sqrt(Var_k) eps`` with ``F = t_k / t_{k+1}``,
+    ``G = t_{k+1} - F t_k`` and the closed-form ``Var`` of ``samplers.PowerLawNoise(k=2)``.
+    """
+    t = torch.as_tensor(times).detach().to(device="cpu", dtype=torch.float64)
+    decay, var = MemorylessNoise().step_coefficients(t[:-1], t[1:])
+    return decay, t[1:] - decay * t[:-1], var
+
+
+def _discrete_adjoint(
+    fn: Callable[[Tensor, Tensor], tuple[Tensor, Optional[Tensor]]],
+    trajectory: Tensor,
+    times: Tensor,
+    terminal: Tensor,
+    velocities: Optional[Tensor] = None,
+) -> Tensor:
+    """Gradient of the terminal cost through the sampler's chain, as an *effective* adjoint ``(T+1, B, *S)``.
+
+    ``A_T = terminal``; ``g_k = (F_k + G_k J_k)^T g_{k+1}`` (``J_k`` at the point the sampler used) and
+    ``A_k = c_k g_{k+1}`` with ``c_k = Var_k / (G_k eta_k)`` so that ``v_base - eta_k A_k`` is the exact
+    mean shift of the tilted step. Experimental (issue 14 diagnostics).
+    """
+    n_steps = times.shape[0] - 1
+    batch = trajectory.shape[1]
+    decay, gain, var = memoryless_step_coefficients(times)
+    t64 = times.detach().to(device="cpu", dtype=torch.float64)
+    adjoints = torch.empty_like(trajectory)
+    adjoints[n_steps] = terminal.detach()
+    g = terminal.detach().to(trajectory.dtype)
+    for k in range(n_steps - 1, -1, -1):
+        tk = float(t64[k])
+        c = float(var[k] * tk / (gain[k] * (1 - tk))) if tk > 0 else 0.0
+        adjoints[k] = c * g
+        if k == 0 and velocities is None:
+            break
+        lin = _Linearisation(fn, trajectory[k], times[k].expand(batch))
+        if velocities is not None:
+            velocities[k] = lin.v.detach()
+        if k > 0:
+            g = float(decay[k]) * g + lin.apply(0.5 * float(gain[k]) * g, retain=False)
+    return adjoints
+
+
 def lean_adjoint(
     base_velocity: VelocityFn,
     trajectory: Tensor,
@@ -271,6 +324,8 @@ def lean_adjoint(
     *,
     scheme: str = "right",
     return_base_velocity: bool = False,
+    bootstrap: Optional[Tensor] = None,
+    bootstrap_weights: Optional[Tensor] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Lean adjoint ``a(t_k)`` along a trajectory, ``(T+1, B, *S)`` (detached).
 
@@ -310,7 +365,17 @@ def lean_adjoint(
     def fn(x: Tensor, t: Tensor) -> tuple[Tensor, None]:
         return base_velocity(x, t, cond), None
 
-    adjoints = _solve_backward(fn, trajectory, times, terminal_grad, scheme, velocities)
+    boot = None
+    if bootstrap is not None:
+        if bootstrap.shape != trajectory.shape:
+            raise ValueError(f"bootstrap must have the trajectory's shape {tuple(trajectory.shape)}; got {tuple(bootstrap.shape)}")
+        if bootstrap_weights is None or tuple(bootstrap_weights.shape) != (times.shape[0],):
+            raise ValueError(f"bootstrap_weights must have shape (T+1,) = ({times.shape[0]},)")
+        boot = (bootstrap.detach(), bootstrap_weights)
+    if scheme == "discrete":
+        adjoints = _discrete_adjoint(fn, trajectory, times, terminal_grad, velocities)
+    else:
+        adjoints = _solve_backward(fn, trajectory, times, terminal_grad, scheme, velocities, boot)
     if velocities is None:
         return adjoints
     batch = trajectory.shape[1]
