@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
+import torch
 from torch import Tensor
 
 from lightning_nft.objectives.adjoint_matching import (
@@ -53,6 +54,11 @@ class AdjointMatchingObjective(Objective):
         weighting: ``"soc"`` (``2 / eta_t``, the faithful loss) or ``"uniform"``.
         max_weight: cap on the ``2 / eta_t`` weight near ``t = 1`` (``None``: no cap).
         adjoint_max_norm: clip each adjoint's norm (``None``: off; clipping under-applies the tilt).
+        bootstrap_horizon: restart the lean adjoint from the current model's own control estimate at a
+            rate ``(1 - t) / bootstrap_horizon`` (``adjoint_matching.lean_adjoint``, module docstring choice 6);
+            ``None`` runs the plain lean adjoint. The plain adjoint is unbiased but heavy-tailed on
+            multimodal bases (a few paths that linger between modes carry most of its mean), so finite
+            batches under-apply the tilt; see ``benchmarks/README.md`` (issue 14).
     """
 
     sampling_policy = "current"
@@ -63,13 +69,17 @@ class AdjointMatchingObjective(Objective):
 
     def __init__(self, reward_multiplier: float = 1.0, n_train_times: Optional[int] = None, t_min: float = 0.0,
                  t_max: float = 1.0, scheme: str = "right", weighting: str = "soc",
-                 max_weight: Optional[float] = None, adjoint_max_norm: Optional[float] = None) -> None:
+                 max_weight: Optional[float] = None, adjoint_max_norm: Optional[float] = None,
+                 bootstrap_horizon: Optional[float] = 0.05) -> None:
         if n_train_times is not None and n_train_times < 1:
             raise ValueError(f"n_train_times must be positive or None, got {n_train_times}")
         self.reward_multiplier = float(reward_multiplier)
         self.n_train_times, self.t_min, self.t_max = n_train_times, float(t_min), float(t_max)
         self.scheme, self.weighting, self.max_weight = scheme, weighting, max_weight
         self.adjoint_max_norm = adjoint_max_norm
+        if bootstrap_horizon is not None and not float(bootstrap_horizon) >= 0:
+            raise ValueError(f"bootstrap_horizon must be >= 0 or None, got {bootstrap_horizon}")
+        self.bootstrap_horizon = None if bootstrap_horizon is None else float(bootstrap_horizon)
 
     def default_solver(self) -> Solver:
         return SDESolver(MemorylessNoise())
@@ -91,8 +101,10 @@ class AdjointMatchingObjective(Objective):
             raise ValueError("Adjoint Matching needs the rollouts' trajectories and time grid")
         traj, times = batch.trajectory, batch.times
         terminal = terminal_adjoint(module.reward, traj[-1], self.reward_multiplier, batch.cond)
+        ft_velocity = None if self.bootstrap_horizon is None else _interior_velocities(module, traj, times, batch.cond)
         adjoints, v_base = lean_adjoint(module.reference_velocity, traj, times, terminal, batch.cond,
-                                        scheme=self.scheme, return_base_velocity=True)
+                                        scheme=self.scheme, return_base_velocity=True, ft_velocity=ft_velocity,
+                                        bootstrap_horizon=self.bootstrap_horizon)
         if self.adjoint_max_norm is not None:
             adjoints = clip_adjoint(adjoints, self.adjoint_max_norm)
         idx = select_train_indices(times, self.n_train_times, t_min=self.t_min, t_max=self.t_max)
@@ -104,6 +116,19 @@ class AdjointMatchingObjective(Objective):
         logs = {"adjoint_norm": a.reshape(a.shape[0], -1).norm(dim=1).mean().detach(),
                 "terminal_adjoint_norm": terminal.reshape(terminal.shape[0], -1).norm(dim=1).mean().detach()}
         return loss, logs
+
+
+def _interior_velocities(module: "RewardFineTuningModule", traj: Tensor, times: Tensor, cond) -> Tensor:
+    """The current model's velocity (no gradient) at the interior grid points, ``(T+1, B, *S)`` (ends zero)."""
+    out = torch.zeros_like(traj)
+    n_inner, batch = traj.shape[0] - 2, traj.shape[1]
+    if n_inner < 1:
+        return out
+    with torch.no_grad():
+        x = traj[1:-1].reshape(n_inner * batch, *traj.shape[2:])
+        t = times[1:-1].to(traj).repeat_interleave(batch)
+        out[1:-1] = module.velocity(x, t, _repeat_cond(cond, n_inner)).reshape(n_inner, batch, *traj.shape[2:])
+    return out
 
 
 def _repeat_cond(cond, k: int):
