@@ -105,10 +105,12 @@ Choices, and the known traps they answer (issue 4)
    a vanishing difference by a vanishing ``eta_t``: an error ``e`` of ``v_ft`` restarted at ``s`` reaches
    ``t < s`` multiplied by ``(1 - t) / (1 - s)``, and the restart rate ``(1 - s) / horizon`` cancels that
    factor. ``horizon = 0`` (restart at every step, no taper) is kept for tests of the one-step error; in
-   training it diverged (the model collapsed onto one mode), as this amplification predicts. The
-   objective's default ``horizon = 0.05`` keeps the Monte-Carlo part over about ``sqrt(2 * 0.05) = 0.3``
-   of time at mid times (``exp(-(1 - t)^2 / (2 horizon))`` of it survives to ``t = 1``). It costs one
-   forward pass of the fine-tuned model (no gradient) per interior grid point.
+   training it diverged (the model collapsed onto one mode), as this amplification predicts. With
+   ``horizon = 0.05`` about ``exp(-(1 - t)^2 / (2 horizon))`` of the Monte-Carlo part survives from ``t``
+   to ``t = 1``. It costs one forward pass of the fine-tuned model (no gradient) per interior grid point.
+   **Opt-in, not the default:** the estimator is checked at the optimum (tests), but training with it is
+   a fixed-point iteration on the model's own estimate and its stability is not established (issue 14:
+   ``horizon = 0.05`` with the ``"uniform"`` weighting collapsed onto one mode within 150 iterations).
 
 Shapes: trajectories ``(T+1, B, *S)``, times ``(T+1,)`` strictly increasing in ``[0, 1]``,
 per-time quantities ``(B, *S)`` with ``t (B,)``. Everything runs in the trajectory's dtype.

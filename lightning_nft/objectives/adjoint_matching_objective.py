@@ -56,9 +56,10 @@ class AdjointMatchingObjective(Objective):
         adjoint_max_norm: clip each adjoint's norm (``None``: off; clipping under-applies the tilt).
         bootstrap_horizon: restart the lean adjoint from the current model's own control estimate at a
             rate ``(1 - t) / bootstrap_horizon`` (``adjoint_matching.lean_adjoint``, module docstring choice 6);
-            ``None`` runs the plain lean adjoint. The plain adjoint is unbiased but heavy-tailed on
+            ``None`` (default) runs the plain lean adjoint. The plain adjoint is unbiased but heavy-tailed on
             multimodal bases (a few paths that linger between modes carry most of its mean), so finite
-            batches under-apply the tilt; see ``benchmarks/README.md`` (issue 14).
+            batches under-apply the tilt; the bootstrapped one cuts the tail but its training stability is
+            not established yet (opt-in; ``benchmarks/README.md``, issue 14).
     """
 
     sampling_policy = "current"
@@ -70,7 +71,7 @@ class AdjointMatchingObjective(Objective):
     def __init__(self, reward_multiplier: float = 1.0, n_train_times: Optional[int] = None, t_min: float = 0.0,
                  t_max: float = 1.0, scheme: str = "right", weighting: str = "soc",
                  max_weight: Optional[float] = None, adjoint_max_norm: Optional[float] = None,
-                 bootstrap_horizon: Optional[float] = 0.05) -> None:
+                 bootstrap_horizon: Optional[float] = None) -> None:
         if n_train_times is not None and n_train_times < 1:
             raise ValueError(f"n_train_times must be positive or None, got {n_train_times}")
         self.reward_multiplier = float(reward_multiplier)
