@@ -37,7 +37,7 @@ from lightning_nft.objectives.adjoint_matching import (
     base_drift,
     bootstrap_weights,
     clip_adjoint,
-    eta,
+    eta_t,
     full_adjoint,
     gather_times,
     lean_adjoint,
@@ -106,7 +106,7 @@ def _gauss_var(t: torch.Tensor, s: float) -> torch.Tensor:
 
 def test_schedule_matches_memoryless_sde_of_samplers():
     t = torch.tensor([0.01, 0.2, 0.5, 0.9, 0.999], dtype=DT)
-    assert torch.allclose(eta(t), (1 - t) / t, rtol=0, atol=1e-15)
+    assert torch.allclose(eta_t(t), (1 - t) / t, rtol=0, atol=1e-15)
     assert torch.allclose(memoryless_sigma(t), MemorylessNoise().sigma(t), rtol=1e-14, atol=0)
     # base drift 2 v - x / t is the samplers' SDE drift (1 + c t) v - c x with c = sigma^2 / (2 (1 - t))
     gm = GaussianMixture(FT_WEIGHTS, FT_MEANS, FT_STD).to(DT)

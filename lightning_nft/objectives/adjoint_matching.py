@@ -129,7 +129,7 @@ from lightning_nft.rewards import require_differentiable
 VelocityFn = Callable[..., Tensor]
 
 __all__ = [
-    "eta",
+    "eta_t",
     "memoryless_sigma",
     "base_drift",
     "terminal_adjoint",
@@ -153,7 +153,7 @@ WEIGHTINGS = ("soc", "uniform")
 # ----------------------------------------------------------------------------------------------
 
 
-def eta(t: Union[float, Tensor]) -> Tensor:
+def eta_t(t: Union[float, Tensor]) -> Tensor:
     """``eta_t = (1 - t) / t`` for rectified flow (seed 004 with ``alpha_t = t``, ``beta_t = 1 - t``)."""
     t = torch.as_tensor(t)
     return (1 - t) / t
@@ -161,7 +161,7 @@ def eta(t: Union[float, Tensor]) -> Tensor:
 
 def memoryless_sigma(t: Union[float, Tensor]) -> Tensor:
     """Memoryless noise level ``sigma(t) = sqrt(2 eta_t) = sqrt(2 (1 - t) / t)`` (seed 004)."""
-    return torch.sqrt(2 * eta(t))
+    return torch.sqrt(2 * eta_t(t))
 
 
 def base_drift(velocity: VelocityFn, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
@@ -169,8 +169,8 @@ def base_drift(velocity: VelocityFn, x: Tensor, t: Tensor, cond: Any = None) -> 
     return 2 * velocity(x, t, cond) - x / expand_like(t, x)
 
 
-def terminal_adjoint(reward: Any, x1: Tensor, lam: float, cond: Any = None) -> Tensor:
-    """``a(1) = grad g(X_1) = -lam grad r(X_1)``, ``(B, *S)``, for a differentiable reward.
+def terminal_adjoint(reward: Any, x1: Tensor, reward_multiplier: float, cond: Any = None) -> Tensor:
+    """``a(1) = grad g(X_1) = -reward_multiplier grad r(X_1)``, ``(B, *S)``, for a differentiable reward.
 
     ``reward(x, cond) -> (B,)``. A reward marked ``differentiable = False`` (a black box) is refused
     with a clear ``TypeError`` (``lightning_nft.rewards.require_differentiable``).
@@ -190,7 +190,7 @@ def terminal_adjoint(reward: Any, x1: Tensor, lam: float, cond: Any = None) -> T
                 "needs grad r(x) (mark black-box rewards differentiable=False)"
             )
         (grad,) = torch.autograd.grad(r.sum(), x)
-    return -float(lam) * grad
+    return -float(reward_multiplier) * grad
 
 
 # ----------------------------------------------------------------------------------------------
@@ -530,7 +530,7 @@ def _check_open_times(t: Tensor, x: Tensor) -> Tensor:
 def adjoint_matching_target(v_base: Tensor, adjoint: Tensor, t: Tensor) -> Tensor:
     """Velocity-space regression target ``v_base - eta_t a = v_base - (1 - t) a / t``, ``(B, *S)``."""
     t = _check_open_times(t, v_base)
-    return v_base - expand_like(eta(t), adjoint) * adjoint
+    return v_base - expand_like(eta_t(t), adjoint) * adjoint
 
 
 def adjoint_matching_weight(t: Tensor, weighting: str = "soc", max_weight: Optional[float] = None) -> Tensor:
@@ -540,7 +540,7 @@ def adjoint_matching_weight(t: Tensor, weighting: str = "soc", max_weight: Optio
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; choose one of {WEIGHTINGS}")
-    w = 2 / eta(t) if weighting == "soc" else torch.ones_like(t)
+    w = 2 / eta_t(t) if weighting == "soc" else torch.ones_like(t)
     if max_weight is not None:
         if not max_weight > 0:
             raise ValueError(f"max_weight must be positive; got {max_weight}")
@@ -588,6 +588,6 @@ def adjoint_matching_loss_u(v_ft: Tensor, v_base: Tensor, adjoint: Tensor, t: Te
     :func:`adjoint_matching_loss`.
     """
     t = _check_open_times(t, v_ft)
-    e = expand_like(eta(t), v_ft)
+    e = expand_like(eta_t(t), v_ft)
     u = torch.sqrt(2 / e) * (v_ft - v_base.detach())
     return _reduce((u + torch.sqrt(2 * e) * adjoint.detach()) ** 2, "sum")
