@@ -307,6 +307,36 @@ def test_bootstrapped_adjoint_validates():
     assert torch.allclose(vel, expected, rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_bootstrap_from_a_model_equal_to_the_base_only_rescales_the_adjoint(scheme):
+    """With ``v_ft = v_base`` the model's estimate is 0, so each restart multiplies ``a~`` by ``1 - w_k``;
+    scalars commute with the linear steps, hence ``a_boot(t_k) = prod_{k < j < T} (1 - w_j) a_plain(t_k)``
+    on any path (mixture base, random paths and grid)."""
+    gm = GaussianMixture(FT_WEIGHTS, FT_MEANS, FT_STD).to(DT)
+    g = torch.Generator().manual_seed(11)
+    times = torch.cat([torch.zeros(1, dtype=DT), torch.rand(8, dtype=DT, generator=g).sort().values, torch.ones(1, dtype=DT)])
+    traj = 2 * torch.randn(10, 5, 2, dtype=DT, generator=g)
+    term = torch.randn(5, 2, dtype=DT, generator=g)
+    v_base = torch.stack([gm(x, t.expand(5)) for x, t in zip(traj, times)])
+    plain = lean_adjoint(gm, traj, times, term, scheme=scheme)
+    boot = lean_adjoint(gm, traj, times, term, scheme=scheme, ft_velocity=v_base, bootstrap_horizon=0.3)
+    keep = 1 - bootstrap_weights(times, 0.3)
+    factors = torch.ones(10, dtype=DT)
+    for k in range(8, -1, -1):
+        factors[k] = factors[k + 1] * keep[k + 1]
+    assert torch.allclose(boot, factors[:, None, None] * plain, rtol=1e-10, atol=1e-12)
+    assert float(factors[0]) < 0.9  # the restarts did act
+
+
+def test_objective_validates_bootstrap_horizon():
+    from lightning_nft.objectives import AdjointMatchingObjective
+
+    assert AdjointMatchingObjective().bootstrap_horizon is None  # plain lean adjoint by default
+    assert AdjointMatchingObjective(bootstrap_horizon=0.05).bootstrap_horizon == 0.05
+    with pytest.raises(ValueError, match="bootstrap_horizon"):
+        AdjointMatchingObjective(bootstrap_horizon=-0.1)
+
+
 def test_one_step_bootstrapped_target_bias_vanishes_with_the_step():
     """Issue 14: the regression target of the bootstrapped lean adjoint is unbiased up to a vanishing step error
     on mixtures whose SDE paths are rough. At the optimum (the exact tilted field, closed form) on three random
