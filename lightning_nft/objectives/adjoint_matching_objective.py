@@ -12,7 +12,8 @@ Per minibatch of trajectories ``X (T+1, B, *S)`` on the grid ``t_0 < ... < t_T``
 
 1. ``a(1) = -lambda grad r(X_1)`` (:func:`terminal_adjoint`);
 2. the lean adjoint backwards along the grid, ``d a/dt = -(grad_x b)^T a`` with
-   ``b = 2 v_base - x/t`` (:func:`lean_adjoint`, integrating factor for the stiff ``x/t`` term);
+   ``b = 2 v_base - x/t`` (:func:`lean_adjoint`, integrating factor for the stiff ``x/t`` term),
+   optionally restarted from the current model's control estimate (``bootstrap_horizon``, opt-in);
 3. on ``n_train_times`` random interior grid times (``t_min <= t <= t_max``, never ``t = 0`` or
    ``t = 1``), the velocity-space loss ``(2/eta_t) || v_theta(X_t, t) - (v_base - eta_t a) ||^2``
    (:func:`adjoint_matching_loss`; equal to ``|| u + sigma a ||^2``), averaged over samples and times.
