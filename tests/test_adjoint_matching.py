@@ -269,27 +269,27 @@ def test_bootstrapped_adjoint_gaussian_closed_form(scheme, local_order):
     """Gaussian base, linear reward, ``ft_velocity`` = the exact tilted field (the optimum). A huge horizon
     is the plain lean adjoint; horizon 0 restarts every step from the exact ``a(t_{k+1})``, so each
     ``a(t_k)`` carries one step's local error only: O(h^2) for the Euler schemes, O(h^3) for Heun (max error
-    over the grid relative to ``|lam a|``, divided by ``2^order`` within 25% when ``h`` halves; measured at
-    T = 100: 1.2e-3 right, 1.1e-5 Heun), while the plain Euler adjoint's error accumulates to O(h)
-    (1.4e-2 at T = 100, halving with ``h``)."""
+    over the grid relative to ``|lam a|``, divided by ``2^order`` within 25% when ``h`` halves from T = 50 to
+    100; measured at T = 100: 1.2e-3 right, 1.1e-5 Heun), while the plain Euler adjoint's error accumulates
+    to O(h) (1.4e-2 at T = 100, halving with ``h``)."""
     base, s, direction, lam = _gaussian_problem()
     tilted = base.tilt(direction, lam)
     boot_err, plain_err = [], []
-    for n in (100, 200):
+    for n in (50, 100):
         times = time_grid(n, dtype=DT)
         traj = torch.randn(n + 1, 3, 2, dtype=DT, generator=torch.Generator().manual_seed(n))
         ftv = torch.stack([tilted(x, t.expand(3)) for x, t in zip(traj, times)])
         term = (-lam * direction).expand(3, 2)
         exact = _closed_form_adjoint(times, s, direction, lam)
         plain = lean_adjoint(base, traj, times, term, scheme=scheme)
-        if n == 100:
+        if n == 50:
             far = lean_adjoint(base, traj, times, term, scheme=scheme, ft_velocity=ftv, bootstrap_horizon=1e12)
             assert torch.allclose(far, plain, rtol=1e-9, atol=1e-12)
         boot = lean_adjoint(base, traj, times, term, scheme=scheme, ft_velocity=ftv, bootstrap_horizon=0.0)
         scale = lam * direction.norm()
         boot_err.append(float((boot - exact).abs().max() / scale))
         plain_err.append(float((plain - exact).abs().max() / scale))
-    assert boot_err[0] < 2e-3, boot_err
+    assert boot_err[0] < 6e-3, boot_err
     assert 0.75 * 2**local_order < boot_err[0] / boot_err[1] < 1.25 * 2**local_order, boot_err
     if scheme != "heun":
         assert plain_err[1] > 10 * boot_err[1] and 1.6 < plain_err[0] / plain_err[1] < 2.4, (plain_err, boot_err)
