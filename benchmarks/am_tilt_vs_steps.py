@@ -18,6 +18,7 @@ Run from the repository root (one thread; a few minutes on one CPU core)::
 
     python benchmarks/am_tilt_vs_steps.py                       # both tables, scheme "right"
     python benchmarks/am_tilt_vs_steps.py --schemes right,left,heun --steps 20,40
+    python benchmarks/am_tilt_vs_steps.py --bootstrap-horizon 0.05   # table 2 with the bootstrapped adjoint
 """
 
 from __future__ import annotations
@@ -44,8 +45,12 @@ def _load_test_helpers():
     return module
 
 
-def target_bias(base, direction, lam, steps, schemes, fractions=(0.1, 0.3, 0.5, 0.7), m=60, n=300, seed=0):
-    """Table 1: ratio of the Monte-Carlo AM target to the exact optimal control (float64)."""
+def target_bias(base, direction, lam, steps, schemes, fractions=(0.1, 0.3, 0.5, 0.7), m=60, n=300, seed=0,
+                horizon=None):
+    """Table 1: ratio of the Monte-Carlo AM target to the exact optimal control (float64).
+
+    ``horizon``: the bootstrapped lean adjoint restarted from the exact control (``None``: the plain one).
+    """
     base = base.to(torch.float64)
     direction = direction.to(torch.float64)
     tilted = base.tilt(direction, lam)
@@ -66,8 +71,12 @@ def target_bias(base, direction, lam, steps, schemes, fractions=(0.1, 0.3, 0.5, 
             term = (-lam * direction).expand_as(x0)
             tv = t.expand(m)
             control = tilted(xs, tv) - base(xs, tv)
+            ftv = None
+            if horizon is not None:
+                ftv = torch.stack([tilted(x, tk.expand(x.shape[0])) for x, tk in zip(out.trajectory, sub)])
             for s in schemes:
-                a = lean_adjoint(base, out.trajectory, sub, term, scheme=s)[0].reshape(m, n, -1).mean(1)
+                a = lean_adjoint(base, out.trajectory, sub, term, scheme=s, ft_velocity=ftv,
+                                 bootstrap_horizon=horizon)[0].reshape(m, n, -1).mean(1)
                 est = -(1 - t) / t * a
                 ratios[s].append(float((est * control).sum() / (control * control).sum()))
         rows.append((n_steps, [float(times[max(1, round(f * n_steps))]) for f in fractions], ratios))
@@ -82,6 +91,10 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=600, help="fine-tuning iterations (same for every T)")
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bias-horizon", default="none,0.05",
+                        help="bootstrap horizons for table 1 ('none': the plain lean adjoint)")
+    parser.add_argument("--bootstrap-horizon", default="none",
+                        help="bootstrap horizon for table 2 ('none': the plain lean adjoint, the default recipe)")
     parser.add_argument("--skip-bias", action="store_true")
     parser.add_argument("--skip-finetune", action="store_true")
     args = parser.parse_args()
@@ -99,11 +112,14 @@ def main() -> None:
     if not args.skip_bias:
         schemes = args.bias_schemes.split(",")
         t0 = time.time()
-        rows = target_bias(base, direction, lam, steps, schemes, seed=args.seed)
         print("\nTable 1: AM regression target at the optimum / exact optimal control (1 = unbiased)")
-        for n_steps, ts, ratios in rows:
-            cells = "   ".join(f"{s}: " + " ".join(f"{r:.2f}" for r in ratios[s]) for s in schemes)
-            print(f"  T = {n_steps:4d}   t = {' / '.join(f'{t:.2f}' for t in ts)}   {cells}")
+        for spec in args.bias_horizon.split(","):
+            horizon = None if spec == "none" else float(spec)
+            rows = target_bias(base, direction, lam, steps, schemes, seed=args.seed, horizon=horizon)
+            print(f"  bootstrap horizon {spec}")
+            for n_steps, ts, ratios in rows:
+                cells = "   ".join(f"{s}: " + " ".join(f"{r:.2f}" for r in ratios[s]) for s in schemes)
+                print(f"  T = {n_steps:4d}   t = {' / '.join(f'{t:.2f}' for t in ts)}   {cells}", flush=True)
         print(f"  ({time.time() - t0:.0f} s)")
 
     if not args.skip_finetune:
@@ -111,12 +127,13 @@ def main() -> None:
               "20k Euler-ODE samples")
         print(f"  {'T':>4} {'scheme':>6} {'lam':>5} {'achieved':>8} {'TV':>7} {'mean err':>8} {'wall s':>7} "
               f"{'trajectories':>12}")
+        boot = None if args.bootstrap_horizon == "none" else float(args.bootstrap_horizon)
         for scheme in args.schemes.split(","):
             for n_steps in steps:
                 t0 = time.time()
                 model = helpers.finetune_adjoint_matching(
                     base, direction, lam, n_steps=n_steps, iters=args.iters, batch=args.batch, scheme=scheme,
-                    seed=args.seed,
+                    seed=args.seed, bootstrap_horizon=boot,
                 )
                 wall = time.time() - t0
                 got = helpers.measure_tilt(model, base, target, direction)

@@ -9,8 +9,8 @@ where the total variation between the component weights of 4000 Euler-ODE sample
 exact classification, analytic.component_weights) and the weights of the method's OWN target is <= 0.05.
 
 Targets (stated honestly):
-* Adjoint Matching: the exact tilt p(x) exp(lambda x_1), lambda = 0.6 (seed 004).
-* Online NFT (old policy hard-refreshed every round, beta = 1): seed 000's Taylor prediction. With the
+* Adjoint Matching: the exact tilt p(x) exp(lambda x_1), lambda = 0.6 (arXiv:2409.08861).
+* Online NFT (old policy hard-refreshed every round, beta = 1): the Taylor-approximation prediction (Q. Liu, "DiffusionNFT as Taylor Approximation"). With the
   default normaliser a linear reward becomes r = 1/2 + (R - mean)/(2 c (std + eps)) (clip c, unclipped
   here), i.e. r = s_k R + const with the slope s_k measured on round k's rollouts; Theorem 1.1 says one
   round's optimum is v_old + (2 s_k / beta) Cov(R, X1 - X0 | X_t) = the first-order Taylor step in lambda of

@@ -1,10 +1,12 @@
-"""Adjoint Matching (seed 004) for rectified flow, as pure functions on tensors.
+"""Adjoint Matching (C. Domingo-Enrich, M. Drozdzal, B. Karrer, R. T. Q. Chen, "Adjoint Matching: Fine-tuning
+Flow and Diffusion Generative Models with Memoryless Stochastic Optimal Control", ICLR 2025,
+arXiv:2409.08861) for rectified flow, as pure functions on tensors.
 
-Conventions (``../shared/DESIGN.md``): ``x_t = (1 - t) x0 + t x1``, noise at ``t = 0``, data at
+Conventions (``lightning_nft.paths``): ``x_t = (1 - t) x0 + t x1``, noise at ``t = 0``, data at
 ``t = 1``; so ``alpha_t = t``, ``beta_t = 1 - t``, ``kappa_t = 1 / t`` and
 
     eta_t = beta_t (kappa_t beta_t - beta_t') = (1 - t) / t,
-    sigma(t) = sqrt(2 eta_t)                                   (memoryless noise, seed 004),
+    sigma(t) = sqrt(2 eta_t)                                   (memoryless noise, arXiv:2409.08861),
     b(x, t) = 2 v_base(x, t) - x / t                           (base drift),
     b(x, t) + sigma(t) u(x, t) = 2 v_ft(x, t) - x / t          (fine-tuned drift),
     u(x, t) = sqrt(2 / eta_t) (v_ft(x, t) - v_base(x, t))      (the control).
@@ -17,7 +19,7 @@ Trajectories ``X`` are sampled (without gradient) from the fine-tuned memoryless
 
 and the Adjoint Matching loss regresses ``|| u(X_t, t) + sigma(t) a(t) ||^2`` over the trajectory's
 times. Its unique critical point is the optimal control, whose fine-tuned model samples
-``p_base(x) exp(lambda r(x)) / Z`` (seed 004, "Memoryless generative processes"), with *any*
+``p_base(x) exp(lambda r(x)) / Z`` (arXiv:2409.08861, "Memoryless generative processes"), with *any*
 sampler afterwards.
 
 Choices, and the known traps they answer (issue 4)
@@ -81,6 +83,36 @@ Choices, and the known traps they answer (issue 4)
      target towards ``v_base`` and under-applies the tilt, exactly the failure issue 4 warns about.
 5. **Coarse time grids.** The estimator is first order in ``h`` (table above); the achieved tilt
    after fine-tuning against the number of steps is measured by ``benchmarks/am_tilt_vs_steps.py``.
+6. **Heavy tails on multimodal bases: the bootstrapped adjoint** (issue 14). Along a path that lingers
+   between two modes ``J = grad_x v_base`` is large and positive (10-30 on the family of
+   ``tests/test_adjoint_matching.py``), so the lean adjoint grows like ``exp(2 int J dt)`` on a few rare
+   paths. Its mean is right (the continuous lean adjoint is unbiased) but it is carried by those paths: on a
+   5-component mixture with std 0.36, T = 40, t = 0.3, the per-path projection of ``-eta_t a`` on the exact
+   control has median 0.23, 99th percentile 8-10 and maximum 2,400 (1 = the mean if unbiased), and the mean
+   over 60k paths is 0.67 (chunks of 200 paths: 0.53 to 1.32). A regression on finite batches (Adam,
+   gradient clipping) sees the typical paths and under-applies the tilt, more so the narrower the
+   components; the schemes of choice 2 only move the typical value (Heun and exponential integrators
+   1.2-1.5, ``"right"`` 0.85; at T = 160 all agree within the noise). ``benchmarks/README.md`` has the numbers.
+
+   The fix keeps the target's conditional mean and cuts the tails. Under the optimal process
+   ``M_s = Y_{t->s}^T grad log h(X_s, s)`` (``Y`` the base's tangent flow, ``h(x, s) = E[exp(lambda r(X_1)) |
+   X_s = x]``) is a martingale whose value at ``s = 1`` is the lean adjoint, so *any* average of the ``M_s``
+   over ``s >= t`` has the same conditional mean ``-E[a(t) | X_t]``. :func:`lean_adjoint` with
+   ``ft_velocity`` and ``bootstrap_horizon`` restarts the backward recursion from the current model's
+   estimate ``a = -(v_ft - v_base) / eta`` (i.e. ``a~ = -(v_ft - v_base) / (1 - t)``) with weight
+   ``w_k = 1 - exp(-(1 - t_k) h / horizon)`` at each interior grid time: a TD(lambda)-style bootstrap whose
+   fixed point is still the optimal control (each restart adds only the step's local error, O(h^2) for the
+   Euler schemes, tested against closed forms) and whose variance no longer compounds over Jacobian
+   products. The ``1 - t`` factor switches restarts off towards ``t = 1``, where the model's estimate divides
+   a vanishing difference by a vanishing ``eta_t``: an error ``e`` of ``v_ft`` restarted at ``s`` reaches
+   ``t < s`` multiplied by ``(1 - t) / (1 - s)``, and the restart rate ``(1 - s) / horizon`` cancels that
+   factor. ``horizon = 0`` (restart at every step, no taper) is kept for tests of the one-step error; in
+   training it diverged (the model collapsed onto one mode), as this amplification predicts. With
+   ``horizon = 0.05`` about ``exp(-(1 - t)^2 / (2 horizon))`` of the Monte-Carlo part survives from ``t``
+   to ``t = 1``. It costs one forward pass of the fine-tuned model (no gradient) per interior grid point.
+   **Opt-in, not the default:** the estimator is checked at the optimum (tests), but training with it is
+   a fixed-point iteration on the model's own estimate and its stability is not established (issue 14:
+   ``horizon = 0.05`` with the ``"uniform"`` weighting collapsed onto one mode within 150 iterations).
 
 Shapes: trajectories ``(T+1, B, *S)``, times ``(T+1,)`` strictly increasing in ``[0, 1]``,
 per-time quantities ``(B, *S)`` with ``t (B,)``. Everything runs in the trajectory's dtype.
@@ -99,11 +131,12 @@ from lightning_nft.rewards import require_differentiable
 VelocityFn = Callable[..., Tensor]
 
 __all__ = [
-    "eta",
+    "eta_t",
     "memoryless_sigma",
     "base_drift",
     "terminal_adjoint",
     "lean_adjoint",
+    "bootstrap_weights",
     "full_adjoint",
     "clip_adjoint",
     "select_train_indices",
@@ -122,15 +155,15 @@ WEIGHTINGS = ("soc", "uniform")
 # ----------------------------------------------------------------------------------------------
 
 
-def eta(t: Union[float, Tensor]) -> Tensor:
-    """``eta_t = (1 - t) / t`` for rectified flow (seed 004 with ``alpha_t = t``, ``beta_t = 1 - t``)."""
+def eta_t(t: Union[float, Tensor]) -> Tensor:
+    """``eta_t = (1 - t) / t`` for rectified flow (arXiv:2409.08861 with ``alpha_t = t``, ``beta_t = 1 - t``)."""
     t = torch.as_tensor(t)
     return (1 - t) / t
 
 
 def memoryless_sigma(t: Union[float, Tensor]) -> Tensor:
-    """Memoryless noise level ``sigma(t) = sqrt(2 eta_t) = sqrt(2 (1 - t) / t)`` (seed 004)."""
-    return torch.sqrt(2 * eta(t))
+    """Memoryless noise level ``sigma(t) = sqrt(2 eta_t) = sqrt(2 (1 - t) / t)`` (arXiv:2409.08861)."""
+    return torch.sqrt(2 * eta_t(t))
 
 
 def base_drift(velocity: VelocityFn, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
@@ -138,8 +171,8 @@ def base_drift(velocity: VelocityFn, x: Tensor, t: Tensor, cond: Any = None) -> 
     return 2 * velocity(x, t, cond) - x / expand_like(t, x)
 
 
-def terminal_adjoint(reward: Any, x1: Tensor, lam: float, cond: Any = None) -> Tensor:
-    """``a(1) = grad g(X_1) = -lam grad r(X_1)``, ``(B, *S)``, for a differentiable reward.
+def terminal_adjoint(reward: Any, x1: Tensor, reward_multiplier: float, cond: Any = None) -> Tensor:
+    """``a(1) = grad g(X_1) = -reward_multiplier grad r(X_1)``, ``(B, *S)``, for a differentiable reward.
 
     ``reward(x, cond) -> (B,)``. A reward marked ``differentiable = False`` (a black box) is refused
     with a clear ``TypeError`` (``lightning_nft.rewards.require_differentiable``).
@@ -159,7 +192,7 @@ def terminal_adjoint(reward: Any, x1: Tensor, lam: float, cond: Any = None) -> T
                 "needs grad r(x) (mark black-box rewards differentiable=False)"
             )
         (grad,) = torch.autograd.grad(r.sum(), x)
-    return -float(lam) * grad
+    return -float(reward_multiplier) * grad
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,11 +248,15 @@ def _solve_backward(
     terminal: Tensor,
     scheme: str,
     velocities: Optional[Tensor] = None,
+    restart: Optional[tuple[Tensor, Tensor]] = None,
 ) -> Tensor:
     """Integrate ``d a~/dt = -F(X_t, t, a~)`` backwards, ``F = grad_x [2 <v, a~> + extra]``; return ``a = t a~``.
 
     ``scheme``: ``"heun"`` (trapezoid, predictor with ``F_{k+1}``), ``"right"`` (``F_{k+1}``) or
     ``"left"`` (``F_k``); see :func:`lean_adjoint`. Fills ``velocities[k] = v(X_k, t_k)`` when given.
+    ``restart = (ft_velocities (T+1, B, *S), w (T+1,))`` (needs ``velocities``): before each step back
+    from an interior ``t_{k+1}``, ``a~ <- (1 - w_{k+1}) a~ - w_{k+1} (v_ft - v)(X_{k+1}) / (1 - t_{k+1})``
+    (:func:`lean_adjoint`, ``bootstrap_horizon``).
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown adjoint scheme {scheme!r}; choose one of {SCHEMES}")
@@ -230,15 +267,20 @@ def _solve_backward(
     a_tilde = terminal.detach().to(trajectory.dtype) / times[n_steps]
     uses = {"heun": 2, "right": 1, "left": 1}[scheme]
     cache: dict[int, tuple[_Linearisation, int]] = {}
+    visited: set[int] = set()
 
-    def rhs(k: int, cot: Tensor) -> Tensor:
+    def linearise(k: int) -> _Linearisation:
         if k not in cache:
             lin = _Linearisation(fn, trajectory[k], times[k].expand(batch))
             if velocities is not None:
                 velocities[k] = lin.v.detach()
+            visited.add(k)
             cache[k] = (lin, 0)
-        lin, used = cache[k]
-        used += 1
+        return cache[k][0]
+
+    def rhs(k: int, cot: Tensor) -> Tensor:
+        lin = linearise(k)
+        used = cache[k][1] + 1
         last = used >= uses or (scheme == "heun" and k == n_steps)
         g = lin.apply(cot, retain=not last)
         if last:
@@ -249,6 +291,12 @@ def _solve_backward(
 
     for k in range(n_steps - 1, -1, -1):
         h = times[k + 1] - times[k]
+        if restart is not None and k + 1 < n_steps and float(restart[1][k + 1]) > 0:
+            if k + 1 not in visited:
+                linearise(k + 1)
+            w = float(restart[1][k + 1])
+            control = restart[0][k + 1].to(a_tilde) - velocities[k + 1]  # v_ft - v_base at X_{k+1}
+            a_tilde = (1 - w) * a_tilde - (w / (1 - times[k + 1])) * control
         if scheme == "left":
             a_tilde = a_tilde + h * rhs(k, a_tilde)
         elif scheme == "right":
@@ -262,6 +310,30 @@ def _solve_backward(
     return adjoints
 
 
+def bootstrap_weights(times: Tensor, horizon: Optional[float]) -> Tensor:
+    """Restart weights ``w (T+1,)`` of the bootstrapped lean adjoint on the grid ``times (T+1,)``.
+
+    ``w_k = 1 - exp(-(1 - t_k) (t_k - t_{k-1}) / horizon)`` (``w_0 = 0``): a restart rate
+    ``(1 - t) / horizon`` per unit time, so the Monte-Carlo part of the adjoint is kept with weight
+    ``exp(-int_t^s (1 - r) dr / horizon)`` over ``[t, s]``; the factor ``1 - t`` switches restarts off
+    towards ``t = 1``, where the model's estimate ``-(v_ft - v_base) / eta_t`` divides a vanishing
+    difference by a vanishing ``eta_t``. ``horizon = 0``: ``w = 1`` (one-step bootstrap); ``None``:
+    ``w = 0`` (the plain lean adjoint).
+    """
+    times = torch.as_tensor(times).detach().to(device="cpu", dtype=torch.float64)
+    w = torch.zeros_like(times)
+    if horizon is None:
+        return w
+    horizon = float(horizon)
+    if not horizon >= 0:
+        raise ValueError(f"bootstrap horizon must be >= 0 or None; got {horizon}")
+    if horizon == 0:
+        w[1:] = 1.0
+        return w
+    w[1:] = -torch.expm1(-(1 - times[1:]) * (times[1:] - times[:-1]) / horizon)
+    return w
+
+
 def lean_adjoint(
     base_velocity: VelocityFn,
     trajectory: Tensor,
@@ -271,6 +343,8 @@ def lean_adjoint(
     *,
     scheme: str = "right",
     return_base_velocity: bool = False,
+    ft_velocity: Optional[Tensor] = None,
+    bootstrap_horizon: Optional[float] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Lean adjoint ``a(t_k)`` along a trajectory, ``(T+1, B, *S)`` (detached).
 
@@ -303,6 +377,12 @@ def lean_adjoint(
         scheme: ``"heun"``, ``"right"`` or ``"left"`` (above).
         return_base_velocity: also return ``v_base(X_k, t_k)`` at every grid point, ``(T+1, B, *S)``
             (the recursion computes most of them anyway; the loss needs them at the trained times).
+        ft_velocity: ``(T+1, B, *S)`` the fine-tuned model's velocity ``v_ft(X_k, t_k)`` (only the interior
+            points ``0 < k < T`` are read), for the bootstrapped adjoint (module docstring, choice 6):
+            before each step back from an interior ``t_{k+1}``,
+            ``a~ <- (1 - w_{k+1}) a~ - w_{k+1} (v_ft - v_base)(X_{k+1}, t_{k+1}) / (1 - t_{k+1})`` with
+            ``w = bootstrap_weights(times, bootstrap_horizon)``. Pass both or neither.
+        bootstrap_horizon: ``>= 0``; see :func:`bootstrap_weights`.
     """
     times = _check_trajectory(trajectory, times, terminal_grad)
     velocities = torch.full_like(trajectory, float("nan")) if return_base_velocity else None
@@ -310,8 +390,19 @@ def lean_adjoint(
     def fn(x: Tensor, t: Tensor) -> tuple[Tensor, None]:
         return base_velocity(x, t, cond), None
 
-    adjoints = _solve_backward(fn, trajectory, times, terminal_grad, scheme, velocities)
-    if velocities is None:
+    restart = None
+    if ft_velocity is not None or bootstrap_horizon is not None:
+        if ft_velocity is None or bootstrap_horizon is None:
+            raise ValueError("bootstrapping needs both ft_velocity (T+1, B, *S) and bootstrap_horizon")
+        if ft_velocity.shape != trajectory.shape:
+            raise ValueError(
+                f"ft_velocity must have the trajectory's shape {tuple(trajectory.shape)}; got {tuple(ft_velocity.shape)}"
+            )
+        restart = (ft_velocity.detach(), bootstrap_weights(times, bootstrap_horizon))
+        if velocities is None:
+            velocities = torch.full_like(trajectory, float("nan"))
+    adjoints = _solve_backward(fn, trajectory, times, terminal_grad, scheme, velocities, restart)
+    if not return_base_velocity:
         return adjoints
     batch = trajectory.shape[1]
     with torch.no_grad():
@@ -340,7 +431,7 @@ def full_adjoint(
         d a~ / dt = -2 (grad_x v_ft)^T a~ - (1 / (1 - t)) grad_x |D|^2,
 
     stepped with the same ``scheme`` as :func:`lean_adjoint`. At ``t = 1`` the last term is taken as
-    its limit 0 (valid when ``D = O(1 - t)``, as at the optimum). Used as the reference for seed 004's
+    its limit 0 (valid when ``D = O(1 - t)``, as at the optimum). Used as the reference for the paper's
     key observation: at the optimum both adjoints have the same conditional expectation
     ``E[a(t) | X_t = x] = -u*(x, t) / sigma(t)``.
     """
@@ -441,7 +532,7 @@ def _check_open_times(t: Tensor, x: Tensor) -> Tensor:
 def adjoint_matching_target(v_base: Tensor, adjoint: Tensor, t: Tensor) -> Tensor:
     """Velocity-space regression target ``v_base - eta_t a = v_base - (1 - t) a / t``, ``(B, *S)``."""
     t = _check_open_times(t, v_base)
-    return v_base - expand_like(eta(t), adjoint) * adjoint
+    return v_base - expand_like(eta_t(t), adjoint) * adjoint
 
 
 def adjoint_matching_weight(t: Tensor, weighting: str = "soc", max_weight: Optional[float] = None) -> Tensor:
@@ -451,7 +542,7 @@ def adjoint_matching_weight(t: Tensor, weighting: str = "soc", max_weight: Optio
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; choose one of {WEIGHTINGS}")
-    w = 2 / eta(t) if weighting == "soc" else torch.ones_like(t)
+    w = 2 / eta_t(t) if weighting == "soc" else torch.ones_like(t)
     if max_weight is not None:
         if not max_weight > 0:
             raise ValueError(f"max_weight must be positive; got {max_weight}")
@@ -495,11 +586,11 @@ def adjoint_matching_loss(
 
 def adjoint_matching_loss_u(v_ft: Tensor, v_base: Tensor, adjoint: Tensor, t: Tensor) -> Tensor:
     """The same loss in control space, per sample ``(B,)``: ``|| u + sigma a ||^2`` with
-    ``u = sqrt(2 / eta_t) (v_ft - v_base)``, ``sigma = sqrt(2 eta_t)`` (seed 004). For tests; prefer
+    ``u = sqrt(2 / eta_t) (v_ft - v_base)``, ``sigma = sqrt(2 eta_t)`` (arXiv:2409.08861). For tests; prefer
     :func:`adjoint_matching_loss`.
     """
     t = _check_open_times(t, v_ft)
-    e = expand_like(eta(t), v_ft)
+    e = expand_like(eta_t(t), v_ft)
     u = torch.sqrt(2 / e) * (v_ft - v_base.detach())
     return _reduce((u + torch.sqrt(2 * e) * adjoint.detach()) ** 2, "sum")
 
@@ -528,7 +619,8 @@ class AdjointMatchingObjective(Objective):
 
     1. ``a(1) = -lambda grad r(X_1)`` (:func:`terminal_adjoint`);
     2. the lean adjoint backwards along the grid, ``d a/dt = -(grad_x b)^T a`` with ``b = 2 v_base - x/t``
-       (:func:`lean_adjoint`);
+       (:func:`lean_adjoint`), optionally restarted from the current model's control estimate
+       (``bootstrap_horizon``, opt-in);
     3. on ``n_train_times`` random interior grid times, the velocity-space loss
        ``(2/eta_t) || v_theta(X_t, t) - (v_base - eta_t a) ||^2`` (:func:`adjoint_matching_loss`),
        averaged over samples and times.
@@ -541,6 +633,12 @@ class AdjointMatchingObjective(Objective):
         weighting: ``"soc"`` (``2 / eta_t``, the faithful loss) or ``"uniform"``.
         max_weight: cap on the ``2 / eta_t`` weight near ``t = 1`` (``None``: no cap).
         adjoint_max_norm: clip each adjoint's norm (``None``: off; clipping under-applies the tilt).
+        bootstrap_horizon: restart the lean adjoint from the current model's own control estimate at a
+            rate ``(1 - t) / bootstrap_horizon`` (:func:`lean_adjoint`, module docstring choice 6);
+            ``None`` (default) runs the plain lean adjoint. The plain adjoint is unbiased but heavy-tailed on
+            multimodal bases (a few paths that linger between modes carry most of its mean), so finite
+            batches under-apply the tilt; the bootstrapped one cuts the tail but its training stability is
+            not established yet (opt-in; ``benchmarks/README.md``).
     """
 
     sampling_policy = "current"
@@ -551,9 +649,13 @@ class AdjointMatchingObjective(Objective):
 
     def __init__(self, reward_multiplier: float = 1.0, n_train_times: Optional[int] = None, t_min: float = 0.0,
                  t_max: float = 1.0, scheme: str = "right", weighting: str = "soc",
-                 max_weight: Optional[float] = None, adjoint_max_norm: Optional[float] = None) -> None:
+                 max_weight: Optional[float] = None, adjoint_max_norm: Optional[float] = None,
+                 bootstrap_horizon: Optional[float] = None) -> None:
         if n_train_times is not None and n_train_times < 1:
             raise ValueError(f"n_train_times must be positive or None, got {n_train_times}")
+        if bootstrap_horizon is not None and not float(bootstrap_horizon) >= 0:
+            raise ValueError(f"bootstrap_horizon must be >= 0 or None, got {bootstrap_horizon}")
+        self.bootstrap_horizon = None if bootstrap_horizon is None else float(bootstrap_horizon)
         self.reward_multiplier = float(reward_multiplier)
         self.n_train_times, self.t_min, self.t_max = n_train_times, float(t_min), float(t_max)
         self.scheme, self.weighting, self.max_weight = scheme, weighting, max_weight
@@ -583,8 +685,12 @@ class AdjointMatchingObjective(Objective):
             raise ValueError("Adjoint Matching needs the rollouts' trajectories and time grid")
         traj, times = batch.trajectory, batch.times
         terminal = terminal_adjoint(policies.reward, traj[-1], self.reward_multiplier, batch.cond)
+        ft_velocity = None
+        if self.bootstrap_horizon is not None:
+            ft_velocity = _interior_velocities(policies.velocity, traj, times, batch.cond)
         adjoints, v_base = lean_adjoint(policies.reference_velocity, traj, times, terminal, batch.cond,
-                                        scheme=self.scheme, return_base_velocity=True)
+                                        scheme=self.scheme, return_base_velocity=True, ft_velocity=ft_velocity,
+                                        bootstrap_horizon=self.bootstrap_horizon)
         if self.adjoint_max_norm is not None:
             adjoints = clip_adjoint(adjoints, self.adjoint_max_norm)
         idx = select_train_indices(times, self.n_train_times, t_min=self.t_min, t_max=self.t_max,
@@ -598,3 +704,17 @@ class AdjointMatchingObjective(Objective):
         logs = {"adjoint_norm": a.reshape(a.shape[0], -1).norm(dim=1).mean().detach(),
                 "terminal_adjoint_norm": terminal.reshape(terminal.shape[0], -1).norm(dim=1).mean().detach()}
         return loss, logs
+
+
+def _interior_velocities(velocity: Callable[..., Tensor], traj: Tensor, times: Tensor, cond: Any) -> Tensor:
+    """The current model's velocity (no gradient) at the interior grid points, ``(T+1, B, *S)`` (ends zero)."""
+    out = torch.zeros_like(traj)
+    n_inner, b = traj.shape[0] - 2, traj.shape[1]
+    if n_inner < 1:
+        return out
+    with torch.no_grad():
+        x = traj[1:-1].reshape(n_inner * b, *traj.shape[2:])
+        t = times[1:-1].to(traj).repeat_interleave(b)
+        rows = index_condition(cond, torch.arange(b).repeat(n_inner))  # row i * B + b is sample b
+        out[1:-1] = velocity(x, t, rows).reshape(n_inner, b, *traj.shape[2:])
+    return out

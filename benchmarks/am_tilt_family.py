@@ -1,0 +1,72 @@
+"""Adjoint Matching on random mixtures (issue 14): achieved tilt and component-weight TV, plain and bootstrapped adjoint.
+
+Each problem is drawn by ``tests/test_adjoint_matching.py::random_tilt_problem`` (3-5 components, std
+0.3-0.6, separated means, non-uniform weights, ``lambda`` 0.5-1.5, a random unit reward direction); the
+default seeds 100-104 are not among the tests' seeds. Every problem is fine-tuned with the plain-torch loop of
+the tests (``finetune_adjoint_matching``: the exact mixture plus a zero-initialised residual MLP, 512
+memoryless-SDE rollouts per iteration on a 40-step grid) under two recipes:
+
+* ``before``: the plain lean adjoint (``bootstrap_horizon=None``) with the ``"soc"`` weighting ``2 / eta_t``
+  (the defaults, before and after issue 14);
+* ``bootstrap``: the bootstrapped lean adjoint (``bootstrap_horizon=0.05``, opt-in), same weighting.
+
+and measured on 20k Euler-ODE samples (100 steps) with ``measure_tilt``: achieved tilt / requested (1 = exact)
+and the TV of the classified component weights against the exact tilt's. One thread; each fine-tune takes
+about half a minute to a minute on an idle core::
+
+    python benchmarks/am_tilt_family.py                          # 5 problems x 2 recipes
+    python benchmarks/am_tilt_family.py --seeds 100,101 --recipes bootstrap
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import pathlib
+import time
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+RECIPES = {
+    "before": dict(bootstrap_horizon=None, weighting="soc"),
+    "bootstrap": dict(bootstrap_horizon=0.05, weighting="soc"),
+}
+
+
+def _load_test_helpers():
+    """The problem family and the fine-tuning routine live with their tests (``tests/test_adjoint_matching.py``)."""
+    spec = importlib.util.spec_from_file_location("_am_tests", ROOT / "tests" / "test_adjoint_matching.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", default="100,101,102,103,104", help="comma-separated problem seeds")
+    parser.add_argument("--recipes", default="before,bootstrap", help=f"comma-separated, from {tuple(RECIPES)}")
+    parser.add_argument("--iters", type=int, default=None, help="fine-tuning iterations (default: the helper's)")
+    parser.add_argument("--train-seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    helpers = _load_test_helpers()
+    print(f"{'seed':>4} {'K':>2} {'std':>5} {'lam':>5} {'recipe':>7} {'tilt/lam':>8} {'TV':>6} {'wall s':>7}")
+    for seed in (int(s) for s in args.seeds.split(",")):
+        base, direction, lam = helpers.random_tilt_problem(seed)
+        target = base.tilt(direction, lam)
+        for recipe in args.recipes.split(","):
+            kwargs = dict(RECIPES[recipe])
+            if args.iters is not None:
+                kwargs["iters"] = args.iters
+            t0 = time.time()
+            model = helpers.finetune_adjoint_matching(base, direction, lam, seed=args.train_seed, **kwargs)
+            wall = time.time() - t0
+            got = helpers.measure_tilt(model, base, target, direction)
+            print(f"{seed:4d} {base.n_components:2d} {float(base.stds[0]):5.2f} {lam:5.2f} {recipe:>7} "
+                  f"{got['tilt'] / lam:8.3f} {got['tv']:6.3f} {wall:7.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
