@@ -7,6 +7,12 @@ from lightning_nft.models.digit_classifier import (
     load_pretrained_digit_classifier,
 )
 from lightning_nft.models.digit_features import DigitFeatures
+from lightning_nft.models.digits_t2i import (
+    DigitsPromptEncoder,
+    DigitsT2IPretrainModel,
+    DigitsT2IVelocity,
+    load_pretrained_digits_t2i,
+)
 from lightning_nft.models.export import ExportSafetensors, read_safetensors, save_module_safetensors
 
 __all__ = [
@@ -16,6 +22,10 @@ __all__ = [
     "DigitClassifierModule",
     "load_pretrained_digit_classifier",
     "DigitFeatures",
+    "DigitsPromptEncoder",
+    "DigitsT2IPretrainModel",
+    "DigitsT2IVelocity",
+    "load_pretrained_digits_t2i",
     "ExportSafetensors",
     "read_safetensors",
     "save_module_safetensors",
