@@ -86,3 +86,94 @@ def evaluate_prompts(velocity: Callable[[Tensor, Tensor, Any], Tensor], prompts:
     images = decode_samples(decoder, x1)
     rewards = reward(images, cond).detach().float().reshape(-1)
     return PromptEvaluation(records, images, rewards, rewards.reshape(len(records), k).mean(1))
+
+
+class PromptEvaluationMixin:
+    """``validate`` / ``test`` for a fine-tuning module whose ``conditions`` is a :class:`PromptConditions`.
+
+    Each prompt split (``"train"`` phrasings and ``"heldout"`` ones, when the source has them) is one
+    evaluation dataloader of prompt records. For each record the module samples ``eval_images_per_prompt``
+    images from the fixed noise of :func:`prompt_noise` (seed ``eval_seed``), with the evaluation guidance
+    scale, decodes and scores them, and logs
+
+    * ``{stage}/{split}/prompt_{id}``: the prompt's mean reward;
+    * ``{stage}/{split}/reward_mean``: the mean over the split's prompts (all ranks);
+    * an image grid per prompt (TensorBoard ``add_image``, tag ``{stage}/{split}/{prompt}``) and one PNG
+      per split, ``{default_root_dir}/{stage}_{split}_step{global_step}.png`` (a row per prompt).
+
+    The module provides ``conditions``, ``velocity``, ``reward``, ``sample_shape``, ``eval_settings()``
+    (a dict of :func:`evaluate_prompts` keyword arguments) and Lightning's ``log``/``all_gather``.
+    """
+
+    def eval_splits(self) -> list[str]:
+        source = getattr(self, "conditions", None)
+        if not isinstance(source, PromptConditions):
+            return []
+        return [s for s in ("train", "heldout") if s in source.records]
+
+    def val_dataloader(self):
+        from torch.utils.data import DataLoader
+
+        settings = self.eval_settings()
+        return [DataLoader(self.conditions.split(s), batch_size=int(settings.pop("prompts_per_batch", 16)),
+                           shuffle=False, collate_fn=list) for s in self.eval_splits()]
+
+    test_dataloader = val_dataloader
+
+    def _eval_step(self, records: list[dict[str, Any]], dataloader_idx: int, stage: str) -> None:
+        split = self.eval_splits()[dataloader_idx]
+        settings = self.eval_settings()
+        settings.pop("prompts_per_batch", None)
+        ev = evaluate_prompts(self.velocity, self.conditions, records, self.reward, self.sample_shape,
+                              device=self.device, **settings)
+        for record, value in zip(ev.records, ev.per_prompt):
+            self.log(f"{stage}/{split}/prompt_{record['prompt_id']}", value, add_dataloader_idx=False,
+                     batch_size=1)
+        store = self.__dict__.setdefault("_prompt_eval", {})
+        store.setdefault(split, []).append(ev)
+
+    def validation_step(self, batch: list[dict[str, Any]], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx, "val")
+
+    def test_step(self, batch: list[dict[str, Any]], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx, "test")
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        store = self.__dict__.pop("_prompt_eval", {})
+        for split in self.eval_splits():
+            evs = store.get(split, [])
+            local = torch.cat([e.per_prompt for e in evs]) if evs else torch.zeros(0)
+            total = torch.tensor([float(local.sum()), float(local.numel())], device=self.device)
+            if self.trainer.world_size > 1:
+                total = self.all_gather(total).reshape(-1, 2).sum(0)
+            self.log(f"{stage}/{split}/reward_mean", total[0] / total[1].clamp_min(1), add_dataloader_idx=False,
+                     rank_zero_only=True)
+            if evs:
+                self._write_prompt_grids(stage, split, evs)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def _write_prompt_grids(self, stage: str, split: str, evs: list[PromptEvaluation]) -> None:
+        import os
+
+        from torchvision.utils import save_image
+
+        from lightning_nft.callbacks.image_grid import image_grid
+
+        k = evs[0].images.shape[0] // len(evs[0].records)
+        images = torch.cat([e.images for e in evs])
+        records = [r for e in evs for r in e.records]
+        for logger in self.trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_image"):
+                for i, r in enumerate(records):
+                    experiment.add_image(f"{stage}/{split}/{r['prompt']}", image_grid(images[i * k:(i + 1) * k], nrow=k),
+                                         global_step=self.trainer.global_step)
+        rank = self.trainer.global_rank
+        name = f"{stage}_{split}_step{self.trainer.global_step}" + (f"_rank{rank}" if self.trainer.world_size > 1 else "")
+        os.makedirs(self.trainer.default_root_dir, exist_ok=True)
+        save_image(image_grid(images, nrow=k), os.path.join(self.trainer.default_root_dir, name + ".png"))
