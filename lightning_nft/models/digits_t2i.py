@@ -127,8 +127,10 @@ class DigitsPromptEncoder(nn.Module):
 
     def token_ids(self, prompts: Sequence[str]) -> Tensor:
         """``(n, MAX_LENGTH)`` int64 token ids; unknown words are ``[UNK]`` (warned once per word)."""
-        encodings = self.tokenizer.encode_batch(list(prompts))
-        unknown = {tok for e in encodings for tok, i in zip(e.tokens, e.ids) if i == UNK_ID} - self._warned
+        prompts = list(prompts)
+        encodings = self.tokenizer.encode_batch(prompts)
+        unknown = {p[a:b] for p, e in zip(prompts, encodings) for (a, b), i in zip(e.offsets, e.ids) if i == UNK_ID}
+        unknown -= self._warned
         if unknown:
             from lightning.pytorch.utilities import rank_zero_warn
 
