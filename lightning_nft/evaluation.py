@@ -99,7 +99,9 @@ class PromptEvaluationMixin:
     * ``{stage}/{split}/prompt_{id}``: the prompt's mean reward;
     * ``{stage}/{split}/reward_mean``: the mean over the split's prompts (all ranks);
     * an image grid per prompt (TensorBoard ``add_image``, tag ``{stage}/{split}/{prompt}``) and one PNG
-      per split, ``{default_root_dir}/{stage}_{split}_step{global_step}.png`` (a row per prompt).
+      per split, ``{default_root_dir}/{stage}_{split}_step{global_step}.png`` (a row per prompt);
+      from the second evaluation in a process on, also ``{split}_before_after.png``: the first grid
+      (e.g. of the sanity check before fit, ``num_sanity_val_steps: -1``) left, the latest right.
 
     The module provides ``conditions``, ``velocity``, ``reward``, ``sample_shape``, ``eval_settings()``
     (a dict of :func:`evaluate_prompts` keyword arguments) and Lightning's ``log``/``all_gather``.
@@ -174,6 +176,14 @@ class PromptEvaluationMixin:
                     experiment.add_image(f"{stage}/{split}/{r['prompt']}", image_grid(images[i * k:(i + 1) * k], nrow=k),
                                          global_step=self.trainer.global_step)
         rank = self.trainer.global_rank
-        name = f"{stage}_{split}_step{self.trainer.global_step}" + (f"_rank{rank}" if self.trainer.world_size > 1 else "")
-        os.makedirs(self.trainer.default_root_dir, exist_ok=True)
-        save_image(image_grid(images, nrow=k), os.path.join(self.trainer.default_root_dir, name + ".png"))
+        suffix = f"_rank{rank}" if self.trainer.world_size > 1 else ""
+        grid = image_grid(images, nrow=k)
+        out = self.trainer.default_root_dir
+        os.makedirs(out, exist_ok=True)
+        save_image(grid, os.path.join(out, f"{stage}_{split}_step{self.trainer.global_step}{suffix}.png"))
+        first = self.__dict__.setdefault("_first_prompt_grid", {})
+        if split not in first:  # the first evaluation of this process (e.g. the sanity check before fit)
+            first[split] = grid
+        elif first[split].shape == grid.shape:
+            gap = torch.ones(grid.shape[0], grid.shape[1], 16)
+            save_image(torch.cat([first[split], gap, grid], dim=2), os.path.join(out, f"{split}_before_after{suffix}.png"))

@@ -8,6 +8,7 @@ from lightning_nft.models.digit_classifier import (
 )
 from lightning_nft.models.digit_features import DigitFeatures
 from lightning_nft.models.digits_t2i import (
+    DigitsPromptConditions,
     DigitsPromptEncoder,
     DigitsT2IPretrainModel,
     DigitsT2IVelocity,
@@ -22,6 +23,7 @@ __all__ = [
     "DigitClassifierModule",
     "load_pretrained_digit_classifier",
     "DigitFeatures",
+    "DigitsPromptConditions",
     "DigitsPromptEncoder",
     "DigitsT2IPretrainModel",
     "DigitsT2IVelocity",

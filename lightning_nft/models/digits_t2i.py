@@ -36,6 +36,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_nft.data.prompts import PromptConditions
 from lightning_nft.diffusers_backbones import FlowTransformerVelocity
 
 ASSET_DIR = "digits_t2i"
@@ -196,6 +197,25 @@ class DigitsT2IPretrainModel(nn.Module):
     def save_pretrained(self, directory: str) -> None:
         self.velocity.save_pretrained(directory)
         self.prompt_encoder.save_pretrained(directory)
+
+
+class DigitsPromptConditions(PromptConditions):
+    """The digits model's prompts: the shipped training and held-out phrasings, encoded by the shipped encoder.
+
+    A :class:`~lightning_nft.data.prompts.PromptConditions` (``(P, generator) -> Conditions``) whose
+    records carry ``"digit"`` (read by :class:`~lightning_nft.rewards.DigitPromptAlignment`).
+
+    Args:
+        train_file, heldout_file: other prompt files (``None``: the shipped ones).
+        negative_prompt: the unconditional branch of guidance (``""``, as the model was pretrained).
+        path: another folder of the model (``None``: the shipped one) for the prompt encoder.
+    """
+
+    def __init__(self, train_file: Optional[str] = None, heldout_file: Optional[str] = None,
+                 negative_prompt: str = "", path: Optional[str] = None) -> None:
+        super().__init__(DigitsPromptEncoder(path), train_file or digit_prompt_file("train"),
+                         heldout_file or digit_prompt_file("heldout"), required_fields=("digit",),
+                         negative_prompt=negative_prompt)
 
 
 def load_pretrained_digits_t2i(path: Optional[str] = None) -> tuple[DigitsT2IVelocity, DigitsPromptEncoder]:
