@@ -9,8 +9,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
+from typing_extensions import override
 
-from lightning_nft.callbacks._sampling import fixed_noise_samples, run_directory
+from lightning_nft.callbacks._sampling import SAMPLING_MEMBERS, fixed_noise_samples, run_directory
+from lightning_nft.policy import check_contract
 
 
 def image_grid(images: Tensor, nrow: int = 8, scale: int = 4, padding: int = 1) -> Tensor:
@@ -33,6 +35,8 @@ class ImageGrid(Callback):
     ``(B, C, H, W)`` in ``[-1, 1]``.
     """
 
+    contract_members = SAMPLING_MEMBERS
+
     def __init__(self, n_images: int = 64, nrow: int = 8, seed: int = 4321, every_n_rounds: int = 1,
                  scale: int = 4, filename: str = "before_after.png", output_dir: Optional[str] = None) -> None:
         self.n_images, self.nrow, self.seed = n_images, nrow, seed
@@ -45,15 +49,22 @@ class ImageGrid(Callback):
         samples, _ = fixed_noise_samples(pl_module, self.n_images, self.seed)
         return image_grid(samples, self.nrow, self.scale)
 
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_contract(pl_module, self)
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
             self.before = self._grid(pl_module)
             self._log(trainer, self.before, "samples/before")
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and (trainer.current_epoch + 1) % self.every_n_rounds == 0:
             self._log(trainer, self._grid(pl_module), "samples/round")
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return

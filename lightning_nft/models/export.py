@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional, Tuple, Type, TypeVar
 
 import lightning.pytorch as pl
 from torch import Tensor, nn
+from typing_extensions import override
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -82,6 +83,7 @@ class ExportSafetensors(pl.Callback):
         self.path = path
         self.attribute = attribute
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
