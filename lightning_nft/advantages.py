@@ -253,9 +253,12 @@ class PromptStatTracker:
     round is compared with everything drawn for it so far, not only with its ``K`` siblings.
 
     The caller passes *prompt* ids (equal for equal prompts, e.g. the prompt file's ``prompt_id``),
-    gathered from all ranks so every rank updates the same history. The history is saved with
-    :meth:`state_dict` (checkpoints).
+    gathered from all ranks so every rank updates the same history: the module does so for a
+    normaliser with ``per_prompt = True``, reading ``"prompt_id"`` from the conditions' metadata. The
+    history is saved with :meth:`state_dict` (the module puts it in checkpoints).
     """
+
+    per_prompt = True  # the module passes prompt ids (metadata "prompt_id"), not per-round group ids
 
     def __init__(self, window: Optional[int] = None, std_scope: StdScope = "group", clip: float = 5.0,
                  eps: float = 1e-4) -> None:

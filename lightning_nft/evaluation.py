@@ -81,7 +81,7 @@ def evaluate_prompts(velocity: Callable[[Tensor, Tensor, Any], Tensor], prompts:
     if guidance_scale != 1.0:
         field = GuidedVelocity(velocity, condition_to(prompts.negative(len(cond)), device), guidance_scale)
     x0 = prompt_noise([r["prompt_id"] for r in records], k, sample_shape, seed).to(device)
-    times = time_grid(n_steps, shift=time_shift, device=device)
+    times = time_grid(n_steps, time_shift=time_shift, device=device)
     x1 = (solver or EulerSolver()).sample(field, x0, times, cond).samples
     images = decode_samples(decoder, x1)
     rewards = reward(images, cond).detach().float().reshape(-1)
@@ -103,12 +103,12 @@ class PromptEvaluationMixin:
       from the second evaluation in a process on, also ``{split}_before_after.png``: the first grid
       (e.g. of the sanity check before fit, ``num_sanity_val_steps: -1``) left, the latest right.
 
-    The module provides ``conditions``, ``velocity``, ``reward``, ``sample_shape``, ``eval_settings()``
+    The module provides ``condition_sampler``, ``velocity``, ``reward``, ``sample_shape``, ``eval_settings()``
     (a dict of :func:`evaluate_prompts` keyword arguments) and Lightning's ``log``/``all_gather``.
     """
 
     def eval_splits(self) -> list[str]:
-        source = getattr(self, "conditions", None)
+        source = getattr(self, "condition_sampler", None)
         if not isinstance(source, PromptConditions):
             return []
         return [s for s in ("train", "heldout") if s in source.records]
@@ -117,7 +117,7 @@ class PromptEvaluationMixin:
         from torch.utils.data import DataLoader
 
         settings = self.eval_settings()
-        return [DataLoader(self.conditions.split(s), batch_size=int(settings.pop("prompts_per_batch", 16)),
+        return [DataLoader(self.condition_sampler.split(s), batch_size=int(settings.pop("prompts_per_batch", 16)),
                            shuffle=False, collate_fn=list) for s in self.eval_splits()]
 
     test_dataloader = val_dataloader
@@ -126,7 +126,7 @@ class PromptEvaluationMixin:
         split = self.eval_splits()[dataloader_idx]
         settings = self.eval_settings()
         settings.pop("prompts_per_batch", None)
-        ev = evaluate_prompts(self.velocity, self.conditions, records, self.reward, self.sample_shape,
+        ev = evaluate_prompts(self.velocity, self.condition_sampler, records, self.reward, self.sample_shape,
                               device=self.device, **settings)
         for record, value in zip(ev.records, ev.per_prompt):
             self.log(f"{stage}/{split}/prompt_{record['prompt_id']}", value, add_dataloader_idx=False,

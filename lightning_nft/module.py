@@ -33,10 +33,11 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_nft.advantages import Normalizer
+from lightning_nft.evaluation import PromptEvaluationMixin
 from lightning_nft.data.noise import NoiseDataset
 from lightning_nft.lora import add_lora
 from lightning_nft.objectives.base import Objective
-from lightning_nft.policy import ConditionSampler, OnlineFineTuningMixin, PolicyRole
+from lightning_nft.policy import ConditionSampler, GuidancePlace, OnlineFineTuningMixin, PolicyRole
 from lightning_nft.rewards.base import Reward
 from lightning_nft.samplers import Solver
 
@@ -79,7 +80,7 @@ def linear_decay(lr: float, lr_final: float, total_steps: int) -> LRSchedulerCal
                              total_iters=max(int(total_steps) - 1, 1))
 
 
-class RewardFineTuningModule(OnlineFineTuningMixin):
+class RewardFineTuningModule(PromptEvaluationMixin, OnlineFineTuningMixin):
     """Reward fine-tuning of a velocity-field ``backbone`` with one ``objective``.
 
     Args:
@@ -108,6 +109,18 @@ class RewardFineTuningModule(OnlineFineTuningMixin):
         step_metrics: ``True`` logs ``train/loss`` and the objective's diagnostics at every gradient
             step; ``False`` (default) logs their round means once per round, under the same names
             (a ``self.log`` costs a fixed ~0.1-0.5 ms on CPU; ``benchmarks/nft_overhead.py``).
+        decoder: latents -> pixels in ``[-1, 1]`` (``lightning_nft.decoders``) applied before the reward,
+            image grids, sample metrics, evaluation and ``predict``'s ``images`` (``None``: identity).
+        guidance_scale, guidance: classifier-free guidance ``v_u + w (v_c - v_u)`` toward the condition,
+            away from ``condition_sampler.negative(n)`` (the negative prompt), with ``w = guidance_scale``,
+            applied in ``"rollouts"``, ``"evaluation"`` (validate/test, grids, predict), ``"both"`` or
+            ``"neither"``. The training target stays the objective's own: DiffusionNFT trains the
+            conditional (CFG-free) field on the guided samples; Flow-GRPO's ratios and KL use the guided
+            transitions (those sampled); Adjoint Matching refuses guided rollouts (its target assumes the
+            model's own memoryless SDE).
+        eval_images_per_prompt, eval_seed, eval_prompts_per_batch: held-out evaluation (``validate`` /
+            ``test``) when ``condition_sampler`` is a :class:`~lightning_nft.data.prompts.PromptConditions`
+            (:class:`~lightning_nft.evaluation.PromptEvaluationMixin`).
     """
 
     def __init__(
@@ -135,6 +148,12 @@ class RewardFineTuningModule(OnlineFineTuningMixin):
         predict_policy: PolicyRole = "current",
         default_callbacks: bool = True,
         step_metrics: bool = False,
+        decoder: Optional[torch.nn.Module] = None,
+        guidance_scale: float = 1.0,
+        guidance: GuidancePlace = "neither",
+        eval_images_per_prompt: int = 8,
+        eval_seed: int = 0,
+        eval_prompts_per_batch: int = 16,
     ) -> None:
         super().__init__()
         if isinstance(lora, dict):  # as stored in checkpoints' hyper-parameters (load_from_checkpoint)
@@ -150,6 +169,7 @@ class RewardFineTuningModule(OnlineFineTuningMixin):
             groups_per_round=groups_per_round, group_size=group_size, steps_per_round=steps_per_round,
             minibatch_size=minibatch_size, solver=solver, n_sample_steps=n_sample_steps, time_shift=time_shift,
             normalizer=normalizer, rollout_seed=rollout_seed, step_metrics=step_metrics,
+            decoder=decoder, guidance_scale=guidance_scale, guidance=guidance,
         )
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -183,7 +203,17 @@ class RewardFineTuningModule(OnlineFineTuningMixin):
         g = torch.Generator(device="cpu").manual_seed(self.hparams.predict_seed + 7919 * (batch_idx + 1))
         cond = self.sample_conditions(x0.shape[0], g)
         x1 = self.sample(x0, cond, policy=self.hparams.predict_policy).samples
-        return {"samples": x1, "rewards": self.compute_rewards(x1, cond)}
+        out = {"samples": x1, "rewards": self.compute_rewards(x1, cond)}
+        if self.decoder is not None:
+            out["images"] = self.decode(x1)
+        return out
+
+    def eval_settings(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`~lightning_nft.evaluation.evaluate_prompts` for ``validate``/``test``."""
+        return dict(images_per_prompt=self.hparams.eval_images_per_prompt, seed=self.hparams.eval_seed,
+                    guidance_scale=self.guidance_scale_for("evaluation"), n_steps=self.n_sample_steps,
+                    time_shift=self.time_shift, decoder=self.decoder,
+                    prompts_per_batch=self.hparams.eval_prompts_per_batch)
 
     @override
     def configure_optimizers(self) -> Any:

@@ -81,13 +81,14 @@ class PairingProbe(Callback):
 
 
 def _module(objective, solver=None, lr=3e-3, steps=8, group_size=32, groups=6, n_steps=12):
-    from lightning_nft.module import RewardFineTuningModule
+    from lightning_nft.module import RewardFineTuningModule, adamw
 
     torch.manual_seed(0)
-    backbone = ResidualVelocity(ClassMixtureField(), MLPVelocity(2, 64, 2, n_classes=3, zero_init=True))
+    backbone = ResidualVelocity(ClassMixtureField(), MLPVelocity(2, 64, 2, num_classes=3, zero_init=True))
     return RewardFineTuningModule(backbone, ClassDirectionReward(), objective, sample_shape=[2],
-                                  conditions=class_conditions, groups_per_round=groups, group_size=group_size,
-                                  steps_per_round=steps, lr=lr, n_sample_steps=n_steps, solver=solver)
+                                  condition_sampler=class_conditions, groups_per_round=groups,
+                                  group_size=group_size, steps_per_round=steps, optimizer=adamw(lr),
+                                  n_sample_steps=n_steps, solver=solver)
 
 
 @torch.no_grad()
@@ -103,7 +104,7 @@ def _class_means(module, n: int = 600) -> Tensor:
 
 
 def _objectives():
-    from lightning_nft.objectives.adjoint_matching_objective import AdjointMatchingObjective
+    from lightning_nft.objectives.adjoint_matching import AdjointMatchingObjective
     from lightning_nft.objectives.grpo import GRPOObjective
     from lightning_nft.objectives.nft import NFTObjective
 
@@ -112,7 +113,7 @@ def _objectives():
         "adjoint": dict(objective=AdjointMatchingObjective(reward_multiplier=1.0), lr=1e-2, group_size=16),
         "grpo": dict(objective=GRPOObjective(clip_range=0.2), lr=1e-2),
         "grpo_subset": dict(objective=GRPOObjective(clip_range=0.2, train_timesteps=4), lr=1e-2),
-        "grpo_branch": dict(objective=GRPOObjective(clip_range=0.2, branch_width=4), lr=1e-2, group_size=4, groups=24),
+        "grpo_branch": dict(objective=GRPOObjective(clip_range=0.2, branch_width=4), lr=3e-3, group_size=4, groups=24),
     }
 
 

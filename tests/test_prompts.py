@@ -75,7 +75,7 @@ def test_malformed_prompt_files_name_file_line_and_field(tmp_path):
 
 @pytest.mark.parametrize("n_prompts,n", [(5, 3), (5, 5), (7, 20), (50, 8), (3, 31)])
 def test_round_sampling_is_balanced_and_deterministic_per_rank_and_round(n_prompts, n):
-    from lightning_nft.callbacks.online_rollout import round_generator
+    from lightning_nft.policy import round_generator
 
     draws = {}
     for rank in range(2):
