@@ -123,3 +123,39 @@ def test_validate_logs_per_prompt_rewards_means_and_grids(tmp_path):
         assert (tmp_path / f"val_{split}_step0.png").exists()
     results = _trainer(tmp_path).test(module, verbose=False)
     assert {"test/train/reward_mean", "test/heldout/reward_mean"} <= {k for r in results for k in r}
+
+
+def test_latent_model_decodes_before_rewards_grids_and_predict(tmp_path):
+    """A 4-channel latent model with a real (tiny) AutoencoderKL: the JPEG reward, ImageGrid and predict
+    all receive 3-channel pixels; on the raw latents the reward would refuse them (4 channels)."""
+    from diffusers import AutoencoderKL
+
+    from lightning_nft.callbacks import ImageGrid
+    from lightning_nft.decoders import AutoencoderKLDecoder
+    from lightning_nft.models import ConvVelocity
+    from lightning_nft.rewards import JpegCompressibility
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], latent_channels=4,
+                        norm_num_groups=4, layers_per_block=1, scaling_factor=0.5, shift_factor=0.1)
+    decoder = AutoencoderKLDecoder(vae)
+    backbone = ConvVelocity(in_channels=4, channels=[8, 8], num_res_blocks=1, emb_dim=16)
+    reward = JpegCompressibility()
+    module = RewardFineTuningModule(backbone, reward, NFTObjective(beta=1.0), sample_shape=[4, 8, 8],
+                                    groups_per_round=2, group_size=4, steps_per_round=2, n_sample_steps=3,
+                                    decoder=decoder, optimizer=adamw(1e-3), predict_samples=4, predict_batch_size=4)
+    x = torch.randn(3, 4, 8, 8)
+    with pytest.raises(ValueError, match="expected images"):
+        reward(x)
+    with torch.no_grad():
+        torch.testing.assert_close(module.compute_rewards(x, None), reward(vae.decode(x / 0.5 + 0.1).sample.clamp(-1, 1)))
+    grid = ImageGrid(n_images=4, nrow=4, scale=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _trainer(tmp_path, callbacks=[grid]).fit(module)
+    assert grid.after.shape[0] == 3 and grid.after.shape[1] == 16 + 2  # 3 channels, one row of 16x16 images
+    assert (tmp_path / "before_after.png").exists()
+    (out,) = _trainer(tmp_path).predict(module)
+    assert out["images"].shape == (4, 3, 16, 16) and out["samples"].shape == (4, 4, 8, 8)
+    torch.testing.assert_close(out["images"], decoder(out["samples"]))
