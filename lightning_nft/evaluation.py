@@ -89,7 +89,7 @@ def evaluate_prompts(velocity: Callable[[Tensor, Tensor, Any], Tensor], prompts:
 
 
 class PromptEvaluationMixin:
-    """``validate`` / ``test`` for a fine-tuning module whose ``conditions`` is a :class:`PromptConditions`.
+    """``validate`` / ``test`` for a fine-tuning module whose ``condition_sampler`` is a :class:`PromptConditions`.
 
     Each prompt split (``"train"`` phrasings and ``"heldout"`` ones, when the source has them) is one
     evaluation dataloader of prompt records. For each record the module samples ``eval_images_per_prompt``
