@@ -132,3 +132,36 @@ def test_each_objective_keeps_conditions_paired_and_shifts_every_class_its_own_w
     shift = ((_class_means(module) - before) * DIRECTIONS).sum(-1)  # a_c . (mean_after - mean_before)
     print(name, "per-class shift along a_c", [round(v, 3) for v in shift.tolist()])
     assert (shift > 0.05).all(), f"{name}: per-class shifts along a_c {shift.tolist()}"
+
+
+class FlatForClassTwo(ClassDirectionReward):
+    """``a_c . x`` for classes 0 and 1, a constant for class 2 (its groups tie: no learning signal)."""
+
+    def forward(self, samples: Tensor, cond=None) -> Tensor:
+        labels = torch.tensor(cond.values("class"), device=samples.device)
+        return torch.where(labels == 2, torch.full_like(samples[:, 0], 0.3), super().forward(samples, cond))
+
+
+class ClassCounter(Callback):
+    def __init__(self) -> None:
+        self.fractions = []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # runs before RewardMetrics (listed first)
+        labels = pl_module.rollouts.cond.tensors.reshape(-1, pl_module.group_size)[:, 0]
+        self.fractions.append(float((labels == 2).float().mean()))
+
+
+def test_reward_metrics_log_the_fraction_of_tied_groups():
+    from lightning_nft.callbacks import RewardMetrics
+    from lightning_nft.objectives.nft import NFTObjective
+
+    module = _module(NFTObjective(beta=1.0), groups=12, group_size=8, steps=2)
+    module.reward = FlatForClassTwo()
+    counter, metrics = ClassCounter(), RewardMetrics()
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[counter, metrics])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module)
+    tied = [row["reward/tied_groups"] for row in metrics.history]
+    assert tied == pytest.approx(counter.fractions, abs=1e-6) and 0 < max(tied) < 1, (tied, counter.fractions)
