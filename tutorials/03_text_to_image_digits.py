@@ -1,8 +1,9 @@
 """Tutorial 3: text-to-image reward fine-tuning on CPU: prompts in, per-prompt pictures out.
 
-Run:  python tutorials/03_text_to_image_digits.py   (a few minutes on 2 CPU cores)
+Run:  python tutorials/03_text_to_image_digits.py   (56 s of CPU time on one thread; 40 rounds)
 Writes tutorials/out/t2i_digits_heldout.png: for held-out prompts (phrasings never trained on), four
-images per prompt before fine-tuning (left) and after (right), from the same noise.
+images per prompt before fine-tuning (left) and after (right), from the same noise. Measured:
+mean alignment 0.709 -> 0.769 on the 50 training phrasings, 0.704 -> 0.748 on the 30 held-out ones.
 
 What happens:
 1. The shipped text-to-image model (``lightning_nft.models.digits_t2i``) is a diffusers
