@@ -50,3 +50,11 @@ def test_decoders_are_frozen_eval_and_differentiable_in_their_input():
     assert IdentityDecoder()(x) is x and decode_samples(None, x) is x
     with pytest.raises(ValueError, match="needs a vae or a path"):
         AutoencoderKLDecoder()
+
+
+def test_image_grid_refuses_latents_and_names_the_decoder():
+    from lightning_nft.callbacks.image_grid import image_grid
+
+    with pytest.raises(ValueError, match=r"got shape \(2, 16, 8, 8\); a latent model needs a decoder"):
+        image_grid(torch.zeros(2, 16, 8, 8))
+    assert image_grid(torch.zeros(2, 3, 8, 8), nrow=2, scale=1, padding=0).shape == (3, 8, 16)
