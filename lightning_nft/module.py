@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_nft.advantages import Normalizer
+from lightning_nft.decoders import Decoder
 from lightning_nft.evaluation import PromptEvaluationMixin
 from lightning_nft.data.noise import NoiseDataset
 from lightning_nft.lora import add_lora
@@ -109,17 +110,10 @@ class RewardFineTuningModule(PromptEvaluationMixin, OnlineFineTuningMixin):
         step_metrics: ``True`` logs ``train/loss`` and the objective's diagnostics at every gradient
             step; ``False`` (default) logs their round means once per round, under the same names
             (a ``self.log`` costs a fixed ~0.1-0.5 ms on CPU; ``benchmarks/nft_overhead.py``).
-        decoder: latents -> pixels in ``[-1, 1]`` (``lightning_nft.decoders``) applied before the reward,
-            image grids, sample metrics, evaluation and ``predict``'s ``images`` (``None``: identity).
-        guidance_scale, guidance: classifier-free guidance ``v_u + w (v_c - v_u)`` toward the condition,
-            away from ``condition_sampler.negative(n)`` (the negative prompt), with ``w = guidance_scale``,
-            applied in ``"rollouts"``, ``"evaluation"`` (validate/test, grids, predict), ``"both"`` or
-            ``"neither"``. The training target stays the objective's own: DiffusionNFT trains the
-            conditional (CFG-free) field on the guided samples; Flow-GRPO's ratios and KL use the guided
-            transitions (those sampled); Adjoint Matching refuses guided rollouts (its target assumes the
-            model's own memoryless SDE).
-        eval_images_per_prompt, eval_seed, eval_prompts_per_batch: held-out evaluation (``validate`` /
-            ``test``) when ``condition_sampler`` is a :class:`~lightning_nft.data.prompts.PromptConditions`
+        decoder: latents -> pixels in ``[-1, 1]`` before rewards, grids, metrics, evaluation, predict.
+        guidance_scale, guidance: classifier-free guidance scale ``w`` and where it applies: ``"rollouts"``,
+            ``"evaluation"``, ``"both"`` or ``"neither"`` (see :class:`~lightning_nft.policy.OnlineFineTuningMixin`).
+        eval_images_per_prompt, eval_seed, eval_prompts_per_batch: ``validate``/``test`` on prompt splits
             (:class:`~lightning_nft.evaluation.PromptEvaluationMixin`).
     """
 
@@ -148,7 +142,7 @@ class RewardFineTuningModule(PromptEvaluationMixin, OnlineFineTuningMixin):
         predict_policy: PolicyRole = "current",
         default_callbacks: bool = True,
         step_metrics: bool = False,
-        decoder: Optional[torch.nn.Module] = None,
+        decoder: Optional[Decoder] = None,
         guidance_scale: float = 1.0,
         guidance: GuidancePlace = "neither",
         eval_images_per_prompt: int = 8,

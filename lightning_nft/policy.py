@@ -200,6 +200,16 @@ class OnlineFineTuningMixin(pl.LightningModule):
     starts (not when resuming from a checkpoint) both are reset to the network's weights at that moment,
     so weights loaded after construction are the ones the old policy samples and the anchor keeps.
 
+    Guidance and decoding (``configure_online_fine_tuning``'s ``guidance_scale``, ``guidance``, ``decoder``):
+    classifier-free guidance ``v_u + w (v_c - v_u)`` toward the condition, away from
+    ``condition_sampler.negative(n)`` (the negative prompt; J. Ho and T. Salimans, arXiv:2207.12598),
+    in ``"rollouts"``, ``"evaluation"`` (validate/test, grids, metrics, predict), ``"both"`` or
+    ``"neither"``. The training target stays the objective's own: DiffusionNFT trains the conditional,
+    CFG-free field on the guided samples (its loss calls the plain velocities); Flow-GRPO's ratios and
+    KL use the guided transitions, those actually sampled (:meth:`policies`); Adjoint Matching refuses
+    guided rollouts (its regression target assumes the model's own memoryless SDE). ``decoder`` maps
+    latents to pixels before rewards (:meth:`decoded_reward`), image grids, sample metrics and evaluation.
+
     Override points: :meth:`network_velocity`, :meth:`sample_conditions`, :meth:`rollout`,
     :meth:`compute_rewards`, :meth:`compute_loss`.
     """
