@@ -26,6 +26,7 @@ What happens:
 from __future__ import annotations
 
 import os
+import tempfile
 
 import lightning.pytorch as pl
 import torch
@@ -72,7 +73,7 @@ def main() -> None:
                          limit_val_batches=0,
                          callbacks=[RewardMetrics(), EMAOldPolicy("ramp", ramp_rate=0.05, max_decay=0.9)])
     validate = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                          default_root_dir=OUT)
+                          default_root_dir=tempfile.mkdtemp())  # validate's per-split PNGs go there
     base = validate.validate(module, verbose=False)[0]
     trainer.fit(module)
     tuned = validate.validate(module, verbose=False)[0]
