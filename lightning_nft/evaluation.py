@@ -116,6 +116,8 @@ class PromptEvaluationMixin:
     def val_dataloader(self):
         from torch.utils.data import DataLoader
 
+        if not self.eval_splits():
+            return []
         settings = self.eval_settings()
         return [DataLoader(self.condition_sampler.split(s), batch_size=int(settings.pop("prompts_per_batch", 16)),
                            shuffle=False, collate_fn=list) for s in self.eval_splits()]

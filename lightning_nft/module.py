@@ -165,6 +165,8 @@ class RewardFineTuningModule(PromptEvaluationMixin, OnlineFineTuningMixin):
             normalizer=normalizer, rollout_seed=rollout_seed, step_metrics=step_metrics,
             decoder=decoder, guidance_scale=guidance_scale, guidance=guidance,
         )
+        self.eval_images_per_prompt, self.eval_seed = int(eval_images_per_prompt), int(eval_seed)
+        self.eval_prompts_per_batch = int(eval_prompts_per_batch)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.default_callbacks = bool(default_callbacks)
@@ -204,10 +206,9 @@ class RewardFineTuningModule(PromptEvaluationMixin, OnlineFineTuningMixin):
 
     def eval_settings(self) -> dict[str, Any]:
         """Keyword arguments of :func:`~lightning_nft.evaluation.evaluate_prompts` for ``validate``/``test``."""
-        return dict(images_per_prompt=self.hparams.eval_images_per_prompt, seed=self.hparams.eval_seed,
+        return dict(images_per_prompt=self.eval_images_per_prompt, seed=self.eval_seed,
                     guidance_scale=self.guidance_scale_for("evaluation"), n_steps=self.n_sample_steps,
-                    time_shift=self.time_shift, decoder=self.decoder,
-                    prompts_per_batch=self.hparams.eval_prompts_per_batch)
+                    time_shift=self.time_shift, decoder=self.decoder, prompts_per_batch=self.eval_prompts_per_batch)
 
     @override
     def configure_optimizers(self) -> Any:
