@@ -106,14 +106,6 @@ def repeat_condition(cond: Any, repeats: int) -> Any:
     return index_condition(cond, torch.arange(n).repeat_interleave(repeats))
 
 
-def tile_condition(cond: Any, repeats: int) -> Any:
-    """The whole condition ``repeats`` times in a row: row ``i * N + b`` is row ``b`` (``N`` rows each)."""
-    if cond is None:
-        return None
-    n = condition_rows(cond)
-    return index_condition(cond, torch.arange(n).repeat(repeats))
-
-
 def concat_conditions(conds: Sequence[Any]) -> Any:
     """Concatenate conditions row-wise (all of one kind)."""
     if not conds or conds[0] is None:
