@@ -17,7 +17,8 @@ def fixed_noise_samples(pl_module: pl.LightningModule, n: int, seed: int, policy
 
     Conditions come from ``pl_module.sample_conditions`` with the same seed, one per sample
     (:data:`SAMPLING_MEMBERS` of the :class:`~lightning_nft.policy.OnlineFineTuning` contract).
-    Returns ``(samples (n, *S), cond)``.
+    Samples are decoded with ``pl_module.decode`` when the module has one (pixels for image grids and
+    sample metrics). Returns ``(samples (n, *S_pixels), cond)``.
     """
     g = torch.Generator(device="cpu").manual_seed(int(seed))
     x0 = torch.randn((n, *pl_module.sample_shape), generator=g).to(pl_module.device)
@@ -26,6 +27,9 @@ def fixed_noise_samples(pl_module: pl.LightningModule, n: int, seed: int, policy
     pl_module.eval()
     try:
         samples = pl_module.sample(x0, cond, policy=policy).samples
+        decode = getattr(pl_module, "decode", None)  # latents -> pixels (a module without one samples pixels)
+        if decode is not None:
+            samples = decode(samples)
     finally:
         pl_module.train(was_training)
     return samples, cond

@@ -19,6 +19,9 @@ def image_grid(images: Tensor, nrow: int = 8, scale: int = 4, padding: int = 1) 
     """``images (B, C, H, W)`` in ``[-1, 1]`` -> one ``(C, H', W')`` grid in ``[0, 1]``, upscaled ``scale`` x."""
     from torchvision.utils import make_grid
 
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"image grids need pixels (B, 1|3, H, W), got shape {tuple(images.shape)}; a latent "
+                         "model needs a decoder (the module's decoder argument, lightning_nft.decoders)")
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2)
     if scale > 1:
         x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest")

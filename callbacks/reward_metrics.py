@@ -8,8 +8,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
-from torchmetrics import Metric
+from torchmetrics import MeanMetric, Metric
 
+from lightning_nft.advantages import tied_group_fraction
 from lightning_nft.policy import check_contract
 
 
@@ -38,6 +39,10 @@ class SampleStatistics(Metric):
 class RewardMetrics(Callback):
     """Log ``reward/{mean,std,qNN}`` and ``r/{...}`` over every rollout of a round (all ranks).
 
+    Also ``reward/tied_groups``: the fraction of the round's groups (the ``K`` samples of one prompt)
+    whose rewards all tie, i.e. have zero spread and give group-centred objectives no signal
+    (:func:`~lightning_nft.advantages.tied_group_fraction`; DiffusionNFT logs this as a zero-std ratio).
+
     The reward mean is also shown in the progress bar. Reads the module's ``rollouts`` (the round's
     :class:`~lightning_nft.rollouts.RolloutBatch`) once per ``rollout_version``.
     """
@@ -47,6 +52,7 @@ class RewardMetrics(Callback):
     def __init__(self, quantiles: Sequence[float] = (0.1, 0.5, 0.9), prog_bar: bool = True) -> None:
         self.reward_stats = SampleStatistics(quantiles)
         self.r_stats = SampleStatistics(quantiles)
+        self.tied_groups = MeanMetric()
         self.prog_bar = prog_bar
         self._seen_version = -1
         self.history: list[dict[str, float]] = []
@@ -56,6 +62,7 @@ class RewardMetrics(Callback):
         check_contract(pl_module, self)
         self.reward_stats.to(pl_module.device)
         self.r_stats.to(pl_module.device)
+        self.tied_groups.to(pl_module.device)
 
     def _update(self, pl_module: pl.LightningModule) -> None:
         version = pl_module.rollout_version
@@ -63,6 +70,9 @@ class RewardMetrics(Callback):
             self._seen_version = version
             self.reward_stats.update(pl_module.rollouts.rewards)
             self.r_stats.update(pl_module.rollouts.r)
+            group = pl_module.rollouts.group
+            n_groups = int(torch.unique(group).numel())
+            self.tied_groups.update(tied_group_fraction(pl_module.rollouts.rewards, group).float(), weight=n_groups)
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -80,6 +90,10 @@ class RewardMetrics(Callback):
                 name = f"{prefix}/{k}"
                 row[name] = float(v)
                 pl_module.log(name, v, prog_bar=self.prog_bar and name == "reward/mean")
+        tied = self.tied_groups.compute()
+        row["reward/tied_groups"] = float(tied)
+        pl_module.log("reward/tied_groups", tied)
         self.history.append(row)
         self.reward_stats.reset()
         self.r_stats.reset()
+        self.tied_groups.reset()

@@ -171,11 +171,16 @@ def normalize_rewards(
         std = (_group_reduce(centred**2, index, n_groups) / counts).sqrt()[index]
     else:
         std = (centred**2).mean().sqrt().expand(n)
+    adv, r = _clipped_advantages(centred, std, clip, eps)
+    return adv.to(out_dtype), r.to(out_dtype)
+
+
+def _clipped_advantages(centred: Tensor, std: Tensor, clip: float, eps: float) -> tuple[Tensor, Tensor]:
+    """``A = clip(centred / (std + eps), -c, c)`` (``0`` where centred is 0) and ``r = A / (2c) + 1/2``."""
     denom = std + eps
     safe = torch.where(denom > 0, denom, torch.ones_like(denom))
     adv = torch.where(centred != 0, centred / safe, torch.zeros_like(centred)).clamp(-clip, clip)
-    r = (adv / (2.0 * clip) + 0.5).clamp(0.0, 1.0)
-    return adv.to(out_dtype), r.to(out_dtype)
+    return adv, (adv / (2.0 * clip) + 0.5).clamp(0.0, 1.0)
 
 
 @runtime_checkable
@@ -218,3 +223,82 @@ class RewardNormalizer:
             f"{type(self).__name__}(mode={self.mode!r}, std_scope={self.std_scope!r}, "
             f"clip={self.clip}, eps={self.eps})"
         )
+
+
+def tied_group_fraction(rewards: Tensor, group: Optional[Tensor] = None) -> Tensor:
+    """Fraction of groups whose rewards all tie (zero within-group spread: no learning signal).
+
+    A group ties when every ``R_i - mean_g R`` is zero up to the tie tolerance of the module
+    docstring; singletons tie. Returns a float64 scalar in ``[0, 1]``. DiffusionNFT logs this
+    fraction (prompts the policy always or never satisfies teach nothing under group centring).
+    """
+    r64 = torch.as_tensor(rewards).detach().to(torch.float64).reshape(-1)
+    index, n_groups = _group_index(group, r64.shape[0], r64.device)
+    spread = _group_reduce(_centred(r64, index, n_groups).abs(), index, n_groups, op="amax")
+    return (spread == 0).to(torch.float64).mean()
+
+
+class PromptStatTracker:
+    """Per-prompt running statistics across rounds as the baseline: ``normalizer(rewards, prompt_ids)``.
+
+    For each prompt id ``p`` the tracker keeps the rewards of its last ``window`` rounds (all rounds
+    when ``window`` is ``None``), this round's included, and maps::
+
+        A_i = clip((R_i - mean_p) / (std_p + eps), -c, c),       r_i = A_i / (2 c) + 1/2
+
+    with ``mean_p`` / ``std_p`` (population) over that history; ``std_scope="global"`` replaces
+    ``std_p`` by the pooled spread ``sqrt(mean_i (R_i - mean_{p(i)})^2)`` of this round. With
+    ``window=1`` this is :func:`normalize_rewards` ``(mode="group")`` with the prompt ids as groups.
+    Flow-GRPO and DiffusionNFT call this a per-prompt stat tracker: a prompt seen again in a later
+    round is compared with everything drawn for it so far, not only with its ``K`` siblings.
+
+    The caller passes *prompt* ids (equal for equal prompts, e.g. the prompt file's ``prompt_id``),
+    gathered from all ranks so every rank updates the same history: the module does so for a
+    normaliser with ``per_prompt = True``, reading ``"prompt_id"`` from the conditions' metadata. The
+    history is saved with :meth:`state_dict` (the module puts it in checkpoints).
+    """
+
+    per_prompt = True  # the module passes prompt ids (metadata "prompt_id"), not per-round group ids
+
+    def __init__(self, window: Optional[int] = None, std_scope: StdScope = "group", clip: float = 5.0,
+                 eps: float = 1e-4) -> None:
+        if window is not None and int(window) < 1:
+            raise ValueError(f"window must be a positive number of rounds or None, got {window}")
+        if std_scope not in STD_SCOPES:
+            raise ValueError(f"unknown std_scope {std_scope!r}; choose one of {STD_SCOPES}")
+        if not (float(clip) > 0 and float(clip) < float("inf")):
+            raise ValueError(f"clip must be positive and finite; got {clip}")
+        self.window = None if window is None else int(window)
+        self.std_scope, self.clip, self.eps = std_scope, float(clip), float(eps)
+        self.history: dict[int, list[list[float]]] = {}
+
+    def __call__(self, rewards: Tensor, prompt_ids: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        rewards = torch.as_tensor(rewards)
+        check_finite_rewards(rewards)
+        out_dtype = rewards.dtype if rewards.is_floating_point() else torch.get_default_dtype()
+        r64 = rewards.detach().to(torch.float64).reshape(-1)
+        ids = torch.zeros_like(r64, dtype=torch.long) if prompt_ids is None else torch.as_tensor(prompt_ids).reshape(-1)
+        if ids.shape[0] != r64.shape[0]:
+            raise ValueError(f"{ids.shape[0]} prompt ids for {r64.shape[0]} rewards")
+        mean, std = torch.empty_like(r64), torch.empty_like(r64)
+        for p in torch.unique(ids).tolist():
+            rows = (ids == p).nonzero().reshape(-1).to(r64.device)
+            rounds = self.history.setdefault(int(p), [])
+            rounds.append(r64[rows].tolist())
+            if self.window is not None:
+                del rounds[:-self.window]
+            seen = torch.tensor([v for rnd in rounds for v in rnd], dtype=torch.float64, device=r64.device)
+            mean[rows], std[rows] = seen.mean(), (seen - seen.mean()).square().mean().sqrt()
+        centred = r64 - mean
+        tol = _TIE_ULPS * torch.finfo(torch.float64).eps * r64.abs().max()
+        centred = torch.where(centred.abs() <= tol, torch.zeros_like(centred), centred)
+        if self.std_scope == "global":
+            std = centred.square().mean().sqrt().expand_as(centred)
+        adv, r = _clipped_advantages(centred, std, self.clip, self.eps)
+        return adv.to(out_dtype), r.to(out_dtype)
+
+    def state_dict(self) -> dict:
+        return {"history": {int(k): [list(r) for r in v] for k, v in self.history.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = {int(k): [list(r) for r in v] for k, v in state["history"].items()}

@@ -10,7 +10,7 @@ A text-to-image batch is "``K`` samples for each of ``P`` prompts". Each row of 
 :class:`Conditions` holds both. Plain tensors, dicts/lists of tensors and ``None`` (unconditional
 models) keep working everywhere: the functions below accept any of them, and :func:`network_input`
 / :func:`metadata_of` give each consumer its part. Indexing, repeating per group, concatenating
-and moving to a device live here and nowhere else.
+moving to a device and gathering across ranks live here and nowhere else.
 
 Shapes: ``N`` rows; every tensor's first dimension and ``len(metadata)`` equal ``N``.
 """
@@ -120,6 +120,46 @@ def condition_to(cond: Any, device: Union[str, torch.device], dtype: Optional[to
     if isinstance(cond, Conditions):
         return cond.to(device, dtype)
     return _to_tree(cond, device, dtype)
+
+
+def gather_conditions(cond: Any) -> Any:
+    """Rows of every rank in rank order (``world * N`` rows; every rank must hold the same ``N``).
+
+    Tensors go through ``torch.distributed.all_gather``, metadata (and lists of non-tensors) through
+    ``all_gather_object``. Without an initialised process group (one process) ``cond`` is returned.
+    """
+    import torch.distributed as dist
+
+    if cond is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return cond
+    world = dist.get_world_size()
+    n = condition_rows(cond)
+    counts: list[Any] = [None] * world
+    dist.all_gather_object(counts, n)
+    if len(set(counts)) > 1:
+        raise ValueError(f"gather_conditions: ranks hold different numbers of rows {counts}")
+
+    def gather_objects(obj: Any) -> list[Any]:
+        out: list[Any] = [None] * world
+        dist.all_gather_object(out, obj)
+        return [x for part in out for x in part]
+
+    def gather_tree(tree: Any) -> Any:
+        if tree is None:
+            return None
+        if isinstance(tree, Tensor):
+            parts = [torch.empty_like(tree) for _ in range(world)]
+            dist.all_gather(parts, tree.contiguous())
+            return torch.cat(parts, dim=0)
+        if isinstance(tree, dict):
+            return {k: gather_tree(v) for k, v in tree.items()}
+        if isinstance(tree, (list, tuple)) and tree and isinstance(tree[0], (Tensor, dict)):
+            return type(tree)(gather_tree(v) for v in tree)
+        return gather_objects(list(tree))
+
+    if isinstance(cond, Conditions):
+        return Conditions(gather_tree(cond.tensors), gather_objects(cond.metadata))
+    return gather_tree(cond)
 
 
 # ---------------------------------------------------------------------------------------- trees

@@ -33,10 +33,12 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_nft.advantages import Normalizer
+from lightning_nft.decoders import Decoder
+from lightning_nft.evaluation import PromptEvaluationMixin
 from lightning_nft.data.noise import NoiseDataset
 from lightning_nft.lora import add_lora
 from lightning_nft.objectives.base import Objective
-from lightning_nft.policy import ConditionSampler, OnlineFineTuningMixin, PolicyRole
+from lightning_nft.policy import ConditionSampler, GuidancePlace, OnlineFineTuningMixin, PolicyRole
 from lightning_nft.rewards.base import Reward
 from lightning_nft.samplers import Solver
 
@@ -79,7 +81,7 @@ def linear_decay(lr: float, lr_final: float, total_steps: int) -> LRSchedulerCal
                              total_iters=max(int(total_steps) - 1, 1))
 
 
-class RewardFineTuningModule(OnlineFineTuningMixin):
+class RewardFineTuningModule(PromptEvaluationMixin, OnlineFineTuningMixin):
     """Reward fine-tuning of a velocity-field ``backbone`` with one ``objective``.
 
     Args:
@@ -113,6 +115,11 @@ class RewardFineTuningModule(OnlineFineTuningMixin):
             chunk ``k + 1`` is sampled, hiding a slow (remote) scorer behind sampling; 1 (default): sample
             then score. Worth it where sampling a chunk costs about its share of the whole batch (GPU);
             on small CPU models the per-call overhead of chunks eats the gain (``benchmarks/reward_overlap.py``).
+        decoder: latents -> pixels in ``[-1, 1]`` before rewards, grids, metrics, evaluation, predict.
+        guidance_scale, guidance: classifier-free guidance scale ``w`` and where it applies: ``"rollouts"``,
+            ``"evaluation"``, ``"both"`` or ``"neither"`` (see :class:`~lightning_nft.policy.OnlineFineTuningMixin`).
+        eval_images_per_prompt, eval_seed, eval_prompts_per_batch: ``validate``/``test`` on prompt splits
+            (:class:`~lightning_nft.evaluation.PromptEvaluationMixin`).
     """
 
     def __init__(
@@ -141,6 +148,12 @@ class RewardFineTuningModule(OnlineFineTuningMixin):
         default_callbacks: bool = True,
         step_metrics: bool = False,
         score_chunks: int = 1,
+        decoder: Optional[Decoder] = None,
+        guidance_scale: float = 1.0,
+        guidance: GuidancePlace = "neither",
+        eval_images_per_prompt: int = 8,
+        eval_seed: int = 0,
+        eval_prompts_per_batch: int = 16,
     ) -> None:
         super().__init__()
         if isinstance(lora, dict):  # as stored in checkpoints' hyper-parameters (load_from_checkpoint)
@@ -156,7 +169,10 @@ class RewardFineTuningModule(OnlineFineTuningMixin):
             groups_per_round=groups_per_round, group_size=group_size, steps_per_round=steps_per_round,
             minibatch_size=minibatch_size, solver=solver, n_sample_steps=n_sample_steps, time_shift=time_shift,
             normalizer=normalizer, rollout_seed=rollout_seed, step_metrics=step_metrics, score_chunks=score_chunks,
+            decoder=decoder, guidance_scale=guidance_scale, guidance=guidance,
         )
+        self.eval_images_per_prompt, self.eval_seed = int(eval_images_per_prompt), int(eval_seed)
+        self.eval_prompts_per_batch = int(eval_prompts_per_batch)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.default_callbacks = bool(default_callbacks)
@@ -192,7 +208,16 @@ class RewardFineTuningModule(OnlineFineTuningMixin):
         g = torch.Generator(device="cpu").manual_seed(self.hparams.predict_seed + 7919 * (batch_idx + 1))
         cond = self.sample_conditions(x0.shape[0], g)
         x1 = self.sample(x0, cond, policy=self.hparams.predict_policy).samples
-        return {"samples": x1, "rewards": self.compute_rewards(x1, cond)}
+        out = {"samples": x1, "rewards": self.compute_rewards(x1, cond)}
+        if self.decoder is not None:
+            out["images"] = self.decode(x1)
+        return out
+
+    def eval_settings(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`~lightning_nft.evaluation.evaluate_prompts` for ``validate``/``test``."""
+        return dict(images_per_prompt=self.eval_images_per_prompt, seed=self.eval_seed,
+                    guidance_scale=self.guidance_scale_for("evaluation"), n_steps=self.n_sample_steps,
+                    time_shift=self.time_shift, decoder=self.decoder, prompts_per_batch=self.eval_prompts_per_batch)
 
     @override
     def configure_optimizers(self) -> Any:

@@ -41,7 +41,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 from typing_extensions import override
 
-from lightning_nft.conditions import network_input, repeat_condition
+from lightning_nft.conditions import condition_to, metadata_of, network_input, repeat_condition
+from lightning_nft.guidance import guided_velocity
 from lightning_nft.lora import OLD_ADAPTER, active_adapter, adapter_parameter_pairs, adapters_disabled, has_lora
 from lightning_nft.rewards.async_scoring import rollout_and_score
 from lightning_nft.rollouts import RolloutBatch
@@ -49,6 +50,8 @@ from lightning_nft.samplers import EulerSolver, SampleOutput, Solver, time_grid
 
 VelocityFn = Callable[[Tensor, Tensor, Any], Tensor]
 PolicyRole = Literal["current", "old", "reference"]
+GuidancePlace = Literal["rollouts", "evaluation", "both", "neither"]
+GUIDANCE_PLACES = ("rollouts", "evaluation", "both", "neither")
 ConditionSampler = Callable[[int, torch.Generator], Any]
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -198,6 +201,16 @@ class OnlineFineTuningMixin(pl.LightningModule):
     starts (not when resuming from a checkpoint) both are reset to the network's weights at that moment,
     so weights loaded after construction are the ones the old policy samples and the anchor keeps.
 
+    Guidance and decoding (``configure_online_fine_tuning``'s ``guidance_scale``, ``guidance``, ``decoder``):
+    classifier-free guidance ``v_u + w (v_c - v_u)`` toward the condition, away from
+    ``condition_sampler.negative(n)`` (the negative prompt; J. Ho and T. Salimans, arXiv:2207.12598),
+    in ``"rollouts"``, ``"evaluation"`` (validate/test, grids, metrics, predict), ``"both"`` or
+    ``"neither"``. The training target stays the objective's own: DiffusionNFT trains the conditional,
+    CFG-free field on the guided samples (its loss calls the plain velocities); Flow-GRPO's ratios and
+    KL use the guided transitions, those actually sampled (:meth:`policies`); Adjoint Matching refuses
+    guided rollouts (its regression target assumes the model's own memoryless SDE). ``decoder`` maps
+    latents to pixels before rewards (:meth:`decoded_reward`), image grids, sample metrics and evaluation.
+
     Override points: :meth:`network_velocity`, :meth:`sample_conditions`, :meth:`rollout`,
     :meth:`compute_rewards`, :meth:`compute_loss`.
     """
@@ -221,6 +234,9 @@ class OnlineFineTuningMixin(pl.LightningModule):
         rollout_seed: int = 0,
         step_metrics: bool = False,
         score_chunks: int = 1,
+        decoder: Optional[nn.Module] = None,
+        guidance_scale: float = 1.0,
+        guidance: GuidancePlace = "neither",
     ) -> None:
         """Set up the policies and the round's settings (arguments as in
         :class:`~lightning_nft.module.RewardFineTuningModule`). ``network`` may already be a submodule
@@ -264,6 +280,10 @@ class OnlineFineTuningMixin(pl.LightningModule):
         if int(score_chunks) < 1:
             raise ValueError(f"score_chunks must be positive, got {score_chunks}")
         self.score_chunks = int(score_chunks)
+        if guidance not in GUIDANCE_PLACES:
+            raise ValueError(f"guidance must be one of {GUIDANCE_PLACES}, got {guidance!r}")
+        self.decoder = decoder
+        self.guidance_scale, self.guidance = float(guidance_scale), guidance
         self.kl_weight = 0.0
         self.rollouts: Optional[RolloutBatch] = None
         self.rollout_version = 0
@@ -306,6 +326,34 @@ class OnlineFineTuningMixin(pl.LightningModule):
         """The velocity of ``policy`` (``"current"``, ``"old"`` or ``"reference"``)."""
         return {"current": self.velocity, "old": self.old_velocity, "reference": self.reference_velocity}[policy]
 
+    # ------------------------------------------------------------------ guidance and decoding
+    def guidance_scale_for(self, place: Literal["rollouts", "evaluation"]) -> float:
+        """The classifier-free guidance scale used for ``place`` (``1``: no guidance there)."""
+        return self.guidance_scale if self.guidance in (place, "both") else 1.0
+
+    def unconditional(self, n: int) -> Any:
+        """``n`` rows of the unconditional (negative-prompt) condition, from ``condition_sampler.negative(n)``."""
+        negative = getattr(self.condition_sampler, "negative", None)
+        if negative is None:
+            raise ValueError(
+                f"guidance_scale={self.guidance_scale} needs unconditional rows, but the condition sampler "
+                f"{type(self.condition_sampler).__name__} has no negative(n) method (PromptConditions has one)")
+        return condition_to(negative(n), self.device)
+
+    def guided(self, velocity: VelocityFn, scale: float) -> VelocityFn:
+        """``velocity`` with classifier-free guidance ``v_u + scale (v_c - v_u)`` (``scale = 1``: ``velocity`` itself).
+
+        The unconditional rows are built for each call's batch size, so the guided field works for
+        any batch (rollouts, minibatches, the tiled batches of Adjoint Matching).
+        """
+        if scale == 1.0:
+            return velocity
+        return lambda x, t, cond=None: guided_velocity(velocity, x, t, cond, self.unconditional(x.shape[0]), scale)
+
+    def decode(self, samples: Tensor) -> Tensor:
+        """Samples (latents) -> pixels in ``[-1, 1]`` with ``decoder`` (identity without one)."""
+        return samples if self.decoder is None else self.decoder(samples)
+
     def sample_times(self) -> Tensor:
         """The rollout time grid ``(n_sample_steps + 1,)``."""
         return time_grid(self.n_sample_steps, time_shift=self.time_shift, device=self.device)
@@ -317,20 +365,40 @@ class OnlineFineTuningMixin(pl.LightningModule):
     @torch.no_grad()
     def sample(self, x0: Tensor, cond: Any = None, *, policy: PolicyRole = "current", solver: Optional[Solver] = None,
                times: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
-               return_trajectory: bool = False, return_log_probs: bool = False) -> SampleOutput:
-        """Integrate ``policy`` from noise ``x0 (B, *S)`` at ``t = 0`` to samples at ``t = 1``."""
+               return_trajectory: bool = False, return_log_probs: bool = False,
+               guidance_scale: Optional[float] = None) -> SampleOutput:
+        """Integrate ``policy`` from noise ``x0 (B, *S)`` at ``t = 0`` to samples at ``t = 1``.
+
+        ``guidance_scale``: classifier-free guidance of the sampled field (``None``: the evaluation
+        setting, :meth:`guidance_scale_for` ``("evaluation")``). Conditions are moved to ``x0``'s device.
+        """
         solver = solver or self.solver or EulerSolver()
         times = self.sample_times() if times is None else times
-        return solver.sample(self.policy_velocity(policy), x0, times.to(x0), cond, generator=generator,
+        scale = self.guidance_scale_for("evaluation") if guidance_scale is None else float(guidance_scale)
+        velocity = self.guided(self.policy_velocity(policy), scale)
+        return solver.sample(velocity, x0, times.to(x0), condition_to(cond, x0.device), generator=generator,
                              return_trajectory=return_trajectory, return_log_probs=return_log_probs)
 
     def policies(self) -> "Policies":
-        """What an objective may call: the three velocities, the rollout solver and the reward."""
+        """What an objective may call: the three velocities, the rollout solver and the (decoded) reward.
+
+        With guided rollouts an objective that needs transition log-probabilities (Flow-GRPO) gets the
+        *guided* velocities, so the ratio compares the guided transition that was sampled with the
+        guided transition of the current policy; the other objectives get the plain (CFG-free)
+        conditional velocities: DiffusionNFT trains the conditional field on guided samples.
+        """
         from lightning_nft.objectives.base import Policies
 
         has_old = self.uses_lora or self.old_backbone is not None
-        return Policies(velocity=self.velocity, old_velocity=self.old_velocity if has_old else None,
-                        reference_velocity=self.reference_velocity, solver=self.rollout_solver(), reward=self.reward)
+        scale = self.guidance_scale_for("rollouts") if self.objective.needs_log_probs else 1.0
+        old = self.guided(self.old_velocity, scale) if has_old else None
+        return Policies(velocity=self.guided(self.velocity, scale), old_velocity=old,
+                        reference_velocity=self.guided(self.reference_velocity, scale), solver=self.rollout_solver(),
+                        reward=self.decoded_reward)
+
+    def decoded_reward(self, samples: Tensor, cond: Any = None) -> Tensor:
+        """``reward(decode(samples), cond)`` (differentiable through the decoder)."""
+        return self.reward(self.decode(samples), cond)
 
     # ------------------------------------------------------------------ old policy and reference
     def old_policy_pairs(self) -> tuple[list[Tensor], list[Tensor]]:
@@ -372,17 +440,20 @@ class OnlineFineTuningMixin(pl.LightningModule):
         return None if self.condition_sampler is None else self.condition_sampler(n, generator)
 
     def rollout(self, x0: Tensor, cond: Any, generator: torch.Generator) -> SampleOutput:
-        """Sample the round's rollouts from the objective's sampling policy."""
+        """Sample the round's rollouts from the objective's sampling policy (guided when ``guidance``
+        includes rollouts; GRPO's log-probabilities are then those of the guided transitions)."""
         return self.sample(x0, cond, policy=self.objective.sampling_policy, solver=self.rollout_solver(),
                            generator=generator, return_trajectory=self.objective.needs_trajectory,
-                           return_log_probs=self.objective.needs_log_probs)
+                           return_log_probs=self.objective.needs_log_probs,
+                           guidance_scale=self.guidance_scale_for("rollouts"))
 
     @torch.no_grad()
     def compute_rewards(self, x1: Tensor, cond: Any) -> Tensor:
-        """Raw rewards ``(N,)``; non-finite values raise, naming the sample."""
+        """Raw rewards ``(N,)`` of the decoded samples; non-finite values raise, naming the sample."""
         from lightning_nft.rewards.base import check_finite_rewards
 
-        rewards = self.reward(x1, cond).detach().float().reshape(-1)
+        metadata_of(cond, x1.shape[0])  # conditions and samples must have the same rows
+        rewards = self.decoded_reward(x1, cond).detach().float().reshape(-1)
         if rewards.shape[0] != x1.shape[0]:
             raise ValueError(f"reward returned {rewards.shape[0]} values for {x1.shape[0]} samples")
         check_finite_rewards(rewards)
@@ -402,17 +473,19 @@ class OnlineFineTuningMixin(pl.LightningModule):
         rank = self.global_rank
         world = self.trainer.world_size if self._trainer is not None else 1
         g = round_generator(self.rollout_seed, rank, round_index, substep)
-        cond = repeat_condition(self.sample_conditions(P, g), K)
+        cond = condition_to(repeat_condition(self.sample_conditions(P, g), K), self.device)
         x0 = torch.randn((P * K, *self.sample_shape), generator=g).to(self.device)
         # score_chunks > 1: chunk k is scored (a thread) while chunk k + 1 is sampled
         out, rewards = rollout_and_score(self.rollout, self.compute_rewards, x0, cond, g, K,
                                          getattr(self, "score_chunks", 1))
         group = (rank * P + torch.arange(P, device=rewards.device)).repeat_interleave(K)
+        # a per-prompt normaliser (PromptStatTracker) groups by prompt id, across rounds and ranks
+        by = self._prompt_ids(cond).to(rewards.device) if getattr(self.normalizer, "per_prompt", False) else group
         if world > 1:
-            all_rewards, all_group = self.all_gather(rewards).reshape(-1), self.all_gather(group).reshape(-1)
+            all_rewards, all_by = self.all_gather(rewards).reshape(-1), self.all_gather(by).reshape(-1)
         else:
-            all_rewards, all_group = rewards, group
-        adv, r = self.normalizer(all_rewards, all_group)
+            all_rewards, all_by = rewards, by
+        adv, r = self.normalizer(all_rewards, all_by)
         mine = slice(rank * P * K, (rank + 1) * P * K) if world > 1 else slice(None)
         batch = RolloutBatch(
             x1=out.samples, rewards=rewards, advantages=adv[mine].to(rewards), r=r[mine].to(rewards), group=group,
@@ -420,6 +493,14 @@ class OnlineFineTuningMixin(pl.LightningModule):
         )
         self.set_rollouts(batch, generator=g)
         return batch
+
+    def _prompt_ids(self, cond: Any) -> Tensor:
+        from lightning_nft.conditions import Conditions
+
+        if not isinstance(cond, Conditions):
+            raise TypeError(f"{type(self.normalizer).__name__} groups rewards by prompt: the conditions must be "
+                            f"Conditions whose metadata carry 'prompt_id', got {type(cond).__name__}")
+        return torch.as_tensor(cond.values("prompt_id", source=type(self.normalizer).__name__), dtype=torch.long)
 
     def set_rollouts(self, rollouts: RolloutBatch, generator: Optional[torch.Generator] = None) -> None:
         """Keep ``rollouts`` for the coming gradient steps, in an order drawn from ``generator``."""
@@ -456,6 +537,13 @@ class OnlineFineTuningMixin(pl.LightningModule):
             return
         self.objective.setup(reward=self.reward, solver=self.rollout_solver(), group_size=self.group_size,
                              kl_weight=float(self.kl_weight))
+        if self.guidance_scale_for("rollouts") != 1.0 and self.objective.sampling_policy == "current":
+            raise ValueError(
+                f"{type(self.objective).__name__} samples the fine-tuned model's own memoryless SDE (Adjoint "
+                "Matching's regression target assumes it); guided rollouts would sample another process. Use "
+                "guidance='evaluation' or 'neither' with this objective.")
+        if self.guidance_scale != 1.0 and self.guidance != "neither":
+            self.unconditional(1)  # fail at set-up when the condition sampler has no negative rows
         decay = getattr(self.objective, "default_ema_decay", None)
         if decay == 0.0:
             from lightning_nft.callbacks import EMAOldPolicy
@@ -518,11 +606,16 @@ class OnlineFineTuningMixin(pl.LightningModule):
         """Checkpoints carry the rollout counter (old policy and reference are submodules: in the state dict)."""
         super().on_save_checkpoint(checkpoint)
         checkpoint["lightning_nft"] = {"rollout_version": self.rollout_version}
+        if hasattr(self.normalizer, "state_dict"):  # e.g. the per-prompt history of PromptStatTracker
+            checkpoint["lightning_nft"]["normalizer"] = self.normalizer.state_dict()
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         self.rollout_version = int(checkpoint.get("lightning_nft", {}).get("rollout_version", 0))
+        state = checkpoint.get("lightning_nft", {}).get("normalizer")
+        if state is not None and hasattr(self.normalizer, "load_state_dict"):
+            self.normalizer.load_state_dict(state)
 
 
 def _frozen_copy(module: nn.Module) -> nn.Module:

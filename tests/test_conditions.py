@@ -68,3 +68,39 @@ def test_guidance_scale_one_is_conditional_and_w_extrapolates(seed):
     w = 1.0 + 6.0 * torch.rand((), generator=g).item()
     expected = velocity(x, t, u) + w * (velocity(x, t, c) - velocity(x, t, u))
     torch.testing.assert_close(guided_velocity(velocity, x, t, c, u, w), expected, rtol=1e-6, atol=1e-6)
+
+
+def _gather_worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+
+    from lightning_nft.conditions import gather_conditions
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        g = torch.Generator().manual_seed(100 + rank)
+        cond = Conditions({"emb": torch.randn(3, 2, generator=g), "ids": torch.arange(3) + 10 * rank},
+                          [{"prompt": f"rank {rank} row {i}", "digit": rank * 3 + i} for i in range(3)])
+        torch.save({"mine": cond, "all": gather_conditions(cond), "plain": gather_conditions(cond.tensors["ids"])},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_conditions_across_two_real_processes(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from lightning_nft.conditions import gather_conditions
+
+    assert gather_conditions(Conditions(torch.ones(2))).tensors.shape == (2,)  # one process: unchanged
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gather_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    expected = concat_conditions([p["mine"] for p in parts])
+    for p in parts:  # every rank holds all rows, in rank order, tensors paired with metadata
+        assert p["all"].metadata == expected.metadata
+        torch.testing.assert_close(p["all"].tensors["emb"], expected.tensors["emb"], rtol=0, atol=0)
+        assert p["all"].tensors["ids"].tolist() == [0, 1, 2, 10, 11, 12] == p["plain"].tolist()

@@ -29,6 +29,10 @@ def test_wheel_contains_callbacks_subpackage_and_no_top_level_callbacks(tmp_path
     assert "lightning_nft/callbacks/__init__.py" in names
     assert "lightning_nft/callbacks/online_rollout.py" in names
     assert not any(n.startswith("callbacks/") for n in names)
+    for asset in ("digits_t2i/transformer/config.json", "digits_t2i/transformer/diffusion_pytorch_model.safetensors",
+                  "digits_t2i/text_encoder/config.json", "digits_t2i/text_encoder/model.safetensors",
+                  "digits_t2i/tokenizer.json", "digits_t2i/digits_train.jsonl", "digits_t2i/digits_heldout.jsonl"):
+        assert f"lightning_nft/assets/{asset}" in names, asset
     assert any(n.startswith("lightning_nft/assets/") and n.endswith(".safetensors") for n in names) or not list(
         (ROOT / "lightning_nft" / "assets").glob("*.safetensors"))
     # install the wheel into a bare target folder and import from there, outside the repository

@@ -7,6 +7,13 @@ from lightning_nft.models.digit_classifier import (
     load_pretrained_digit_classifier,
 )
 from lightning_nft.models.digit_features import DigitFeatures
+from lightning_nft.models.digits_t2i import (
+    DigitsPromptConditions,
+    DigitsPromptEncoder,
+    DigitsT2IPretrainModel,
+    DigitsT2IVelocity,
+    load_pretrained_digits_t2i,
+)
 from lightning_nft.models.export import ExportSafetensors, read_safetensors, save_module_safetensors
 
 __all__ = [
@@ -17,6 +24,11 @@ __all__ = [
     "DigitClassifierModule",
     "load_pretrained_digit_classifier",
     "DigitFeatures",
+    "DigitsPromptConditions",
+    "DigitsPromptEncoder",
+    "DigitsT2IPretrainModel",
+    "DigitsT2IVelocity",
+    "load_pretrained_digits_t2i",
     "ExportSafetensors",
     "read_safetensors",
     "save_module_safetensors",

@@ -73,7 +73,9 @@ class ExportSafetensors(pl.Callback):
     """At the end of ``fit``, write ``getattr(pl_module, attribute)`` as safetensors to ``path`` (rank 0 only).
 
     ``attribute`` is a dotted path to a submodule (``"net"``, ``"backbone"``, ``"policy.backbone"``);
-    an empty string exports the whole LightningModule.
+    an empty string exports the whole LightningModule. A module with a ``save_pretrained(folder)``
+    method (diffusers/transformers models, the text-to-image digits model) is written with it, and
+    ``path`` is then a folder; its files are made world-readable (they may become package data).
     """
 
     def __init__(self, path: str, attribute: str = "net") -> None:
@@ -88,5 +90,12 @@ class ExportSafetensors(pl.Callback):
         module: nn.Module = pl_module
         for name in filter(None, self.attribute.split(".")):
             module = getattr(module, name)
-        save_module_safetensors(module, self.path, metadata={"epochs": trainer.current_epoch, "steps": trainer.global_step})
+        if hasattr(module, "save_pretrained"):
+            module.save_pretrained(self.path)
+            for root, _, files in os.walk(self.path):
+                for name in files:
+                    os.chmod(os.path.join(root, name), 0o644)
+        else:
+            save_module_safetensors(module, self.path, metadata={"epochs": trainer.current_epoch,
+                                                                 "steps": trainer.global_step})
         print(f"exported {type(module).__name__} weights to {self.path}")

@@ -213,19 +213,20 @@ class PipelineFineTuningModule(RewardFineTuningModule):
     @torch.no_grad()
     def sample(self, x0: Tensor, cond: Any = None, *, policy: PolicyRole = "current", solver: Optional[Solver] = None,
                times: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
-               return_trajectory: bool = False, return_log_probs: bool = False) -> SampleOutput:
-        """Integrate from unit noise ``x0 (B, C, h, w)``, started at ``s(t0) x0`` on the family's grid."""
+               return_trajectory: bool = False, return_log_probs: bool = False,
+               guidance_scale: Optional[float] = None) -> SampleOutput:
+        """Integrate from unit noise ``x0 (B, C, h, w)``, started at ``s(t0) x0`` on the family's grid.
+
+        Guidance here is this module's own ``guidance_scale`` (in :meth:`policy_velocity`); the base
+        class's ``guidance_scale`` argument is accepted for its signature and not used (it is 1 here).
+        """
         solver = solver or self.solver or EulerSolver()
         times = (self.sample_times() if times is None else times).to(x0)
         return solver.sample(self.policy_velocity(policy), self.parts.initial_state(x0, times), times, cond,
                              generator=generator, return_trajectory=return_trajectory,
                              return_log_probs=return_log_probs)
 
-    @override
-    @torch.no_grad()
-    def compute_rewards(self, x1: Tensor, cond: Any) -> Tensor:
-        """Rewards of the decoded images (pixels in ``[-1, 1]``)."""
-        return super().compute_rewards(self.decoder(x1), cond)
+    # rewards: the mixin's compute_rewards decodes with self.decoder (pixels in [-1, 1]) before scoring
 
     # ------------------------------------------------------------------ copies of the weights (full fine-tuning)
     @override

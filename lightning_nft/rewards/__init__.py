@@ -1,5 +1,6 @@
 """Rewards: the protocol and built-in rewards."""
 
+from lightning_nft.rewards.alignment import DigitPromptAlignment
 from lightning_nft.rewards.base import (
     LinearReward,
     Reward,
@@ -22,6 +23,7 @@ __all__ = [
     "check_finite_rewards",
     "require_differentiable",
     "DigitClassifierReward",
+    "DigitPromptAlignment",
     "JpegCompressibility",
     "MultiReward",
     "CLIPScore",
