@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 from typing_extensions import override
 
+from lightning_nft.compute import ComputeLedger
 from lightning_nft.conditions import network_input, repeat_condition
 from lightning_nft.lora import OLD_ADAPTER, active_adapter, adapter_parameter_pairs, adapters_disabled, has_lora
 from lightning_nft.rollouts import RolloutBatch
@@ -266,6 +267,8 @@ class OnlineFineTuningMixin(pl.LightningModule):
         self._minibatch_cursor = 0
         self._round_sums: dict[str, Tensor] = {}
         self._round_steps = 0
+        self.compute_ledger = ComputeLedger()
+        self._images_at_round_start = 0
 
     # ------------------------------------------------------------------ policies
     @property
@@ -278,24 +281,28 @@ class OnlineFineTuningMixin(pl.LightningModule):
         return network(x, t, network_input(cond))
 
     def velocity(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
-        """Current policy ``v_theta`` (differentiable in parameters and ``x``)."""
-        return self.network_velocity(self.policy_network, x, t, cond)
+        """Current policy ``v_theta`` (differentiable in parameters and ``x``); counted in ``compute_ledger``."""
+        return self.compute_ledger.record_output("current", self.network_velocity(self.policy_network, x, t, cond))
 
     def old_velocity(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
-        """Old policy ``v_old``: no parameter gradients (differentiable in ``x``)."""
+        """Old policy ``v_old``: no parameter gradients (differentiable in ``x``); counted in ``compute_ledger``."""
         if self.uses_lora:
             with active_adapter(self.policy_network, OLD_ADAPTER):
-                return self.network_velocity(self.policy_network, x, t, cond)
-        if self.old_backbone is None:
+                out = self.network_velocity(self.policy_network, x, t, cond)
+        elif self.old_backbone is None:
             raise RuntimeError(f"{type(self.objective).__name__} keeps no old policy (needs_old_policy=False)")
-        return self.network_velocity(self.old_backbone, x, t, cond)
+        else:
+            out = self.network_velocity(self.old_backbone, x, t, cond)
+        return self.compute_ledger.record_output("old", out)
 
     def reference_velocity(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
-        """Frozen initial model ``v_ref``: no parameter gradients (differentiable in ``x``)."""
+        """Frozen initial model ``v_ref``: no parameter gradients (differentiable in ``x``); counted in ``compute_ledger``."""
         if self.uses_lora:
             with adapters_disabled(self.policy_network):
-                return self.network_velocity(self.policy_network, x, t, cond)
-        return self.network_velocity(self.reference_backbone, x, t, cond)
+                out = self.network_velocity(self.policy_network, x, t, cond)
+        else:
+            out = self.network_velocity(self.reference_backbone, x, t, cond)
+        return self.compute_ledger.record_output("reference", out)
 
     def policy_velocity(self, policy: PolicyRole) -> VelocityFn:
         """The velocity of ``policy`` (``"current"``, ``"old"`` or ``"reference"``)."""
@@ -397,8 +404,10 @@ class OnlineFineTuningMixin(pl.LightningModule):
         g = round_generator(self.rollout_seed, rank, round_index, substep)
         cond = repeat_condition(self.sample_conditions(P, g), K)
         x0 = torch.randn((P * K, *self.sample_shape), generator=g).to(self.device)
-        out = self.rollout(x0, cond, g)
-        rewards = self.compute_rewards(out.samples, cond)
+        with self.compute_ledger.phase("rollout"):
+            out = self.rollout(x0, cond, g)
+            rewards = self.compute_rewards(out.samples, cond)
+        self.compute_ledger.add_images(out.samples.shape[0])
         group = (rank * P + torch.arange(P, device=rewards.device)).repeat_interleave(K)
         if world > 1:
             all_rewards, all_group = self.all_gather(rewards).reshape(-1), self.all_gather(group).reshape(-1)
@@ -486,7 +495,8 @@ class OnlineFineTuningMixin(pl.LightningModule):
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         g = loss_generator(self.rollout_seed, self.global_rank, self.current_epoch, batch_idx)
-        loss, logs = self.compute_loss(self.next_minibatch(), g)
+        with self.compute_ledger.phase("train"):
+            loss, logs = self.compute_loss(self.next_minibatch(), g)
         if self.step_metrics:
             self.log("train/loss", loss, prog_bar=True)
             for k, v in logs.items():
@@ -504,17 +514,32 @@ class OnlineFineTuningMixin(pl.LightningModule):
         for k, total in self._round_sums.items():
             self.log(f"train/{k}", total / self._round_steps, prog_bar=k == "loss", sync_dist=True)
         self._round_sums, self._round_steps = {}, 0
+        self.log_compute()
+
+    def log_compute(self) -> None:
+        """Log the cumulative ``compute/*`` figures of :class:`~lightning_nft.compute.ComputeLedger`, summed
+        over ranks, and ``compute/images_per_round`` (sampled rollouts since the last call)."""
+        ledger = self.compute_ledger
+        figures = ledger.summary()
+        figures["images_per_round"] = float(ledger.images - self._images_at_round_start)
+        self._images_at_round_start = ledger.images
+        for k, v in figures.items():
+            self.log(f"compute/{k}", v, reduce_fx="sum", sync_dist=True)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Checkpoints carry the rollout counter (old policy and reference are submodules: in the state dict)."""
+        """Checkpoints carry the rollout counter and the compute ledger (old policy and reference are submodules: in the state dict)."""
         super().on_save_checkpoint(checkpoint)
-        checkpoint["lightning_nft"] = {"rollout_version": self.rollout_version}
+        checkpoint["lightning_nft"] = {"rollout_version": self.rollout_version,
+                                       "compute_ledger": self.compute_ledger.state_dict()}
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        self.rollout_version = int(checkpoint.get("lightning_nft", {}).get("rollout_version", 0))
+        state = checkpoint.get("lightning_nft", {})
+        self.rollout_version = int(state.get("rollout_version", 0))
+        self.compute_ledger.load_state_dict(state.get("compute_ledger", {}))
+        self._images_at_round_start = self.compute_ledger.images
 
 
 def _frozen_copy(module: nn.Module) -> nn.Module:
