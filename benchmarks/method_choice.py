@@ -44,6 +44,7 @@ Outputs: a table on stdout, ``benchmarks/out/method_choice.{json,png}`` (per-rou
 
     python benchmarks/method_choice.py                              # both tasks, all arms, seed 0, cap 12800 images
     python benchmarks/method_choice.py --tasks digits --arms nft-d0 grpo --max-images 5120
+    python benchmarks/method_choice.py --report a.json b.json       # merge runs into one table and plot
 
 One CPU thread; the default run takes roughly 10-20 minutes on a shared 2-core machine.
 """
@@ -284,7 +285,14 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     p.add_argument("--max-images", type=int, default=12800)
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--tag", default="method_choice")
+    p.add_argument("--report", nargs="+", default=None, metavar="JSON",
+                   help="no runs: merge these result files into one table and plot (stem --tag)")
     args = p.parse_args(argv)
+    if args.report:
+        results = [r for path in args.report for r in json.loads(Path(path).read_text())["results"]]
+        print_table(results)
+        plot(results, Path(args.out) / f"{args.tag}.png")
+        return results
     torch.set_num_threads(1)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")

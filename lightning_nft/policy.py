@@ -198,6 +198,11 @@ class OnlineFineTuningMixin(pl.LightningModule):
     starts (not when resuming from a checkpoint) both are reset to the network's weights at that moment,
     so weights loaded after construction are the ones the old policy samples and the anchor keeps.
 
+    Compute: every call of :meth:`velocity`, :meth:`old_velocity` and :meth:`reference_velocity` is counted in
+    ``compute_ledger`` (:class:`~lightning_nft.compute.ComputeLedger`; phase ``rollout`` inside
+    :meth:`collect_rollouts`, ``train`` inside :meth:`training_step`), and the cumulative ``compute/*`` figures
+    are logged once per round (:meth:`log_compute`).
+
     Override points: :meth:`network_velocity`, :meth:`sample_conditions`, :meth:`rollout`,
     :meth:`compute_rewards`, :meth:`compute_loss`.
     """
