@@ -29,8 +29,11 @@ this script's runs, and the threshold is never changed):
 * ``grpo``: ``configs/digits_grpo.yaml`` (ours: exponential-integrator SDE, exact summed log-ratio, exact KL),
   reward swapped per task.
 * ``grpo-parity``: Flow-GRPO's own code choices (``sde_step="euler_maruyama"``, ``kl_form="flow_grpo"``,
-  ``log_prob_reduction="mean"``) with ``clip_range`` and ``kl_weight`` translated so that their strength
-  matches ``grpo``'s (clip ``0.2 / D``, ``D = 64`` pixels; KL weight ``0.1 D / h``, ``h = 0.1``).
+  ``log_prob_reduction="mean"``) with ``clip_range`` and ``kl_weight`` translated so that they act as
+  ``grpo``'s: clip ``0.2 / D`` (``D = 64`` pixels) on the mean log-ratio; the mean reduction scales the policy
+  gradient and the KL both by ``1 / D`` (AdamW is invariant to a common scale) and Flow-GRPO's KL is the exact
+  one times ``h = 0.1``, so the KL weight is ``0.1 / h``. (A first run with ``0.1 D / h`` made the KL ``D``
+  times too strong and the arm did not move: recorded in ``out/method_choice.json``.)
 * ``rsm-ev``: the Reward-Score-Matching redesign of the zeroth-order family ("Reward Score Matching", sec. 5.2):
   one-step branching with width 32 (= group size), the branching budget ``p_j \propto c_j^2``
   (``branch_probs="equal_variance"``), fair clipping (Eq. 24), KL 0.1.
@@ -108,7 +111,7 @@ def grpo_parity(cfg: dict) -> dict:
     cfg = copy.deepcopy(cfg)
     args = _objective_args(cfg)
     args.update(sde_step="euler_maruyama", kl_form="flow_grpo", log_prob_reduction="mean",
-                clip_range=float(args["clip_range"]) / PIXELS, kl_weight=float(args["kl_weight"]) * PIXELS / STEP)
+                clip_range=float(args["clip_range"]) / PIXELS, kl_weight=float(args["kl_weight"]) / STEP)
     return cfg
 
 
