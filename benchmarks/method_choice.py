@@ -49,7 +49,37 @@ Outputs: a table on stdout, ``benchmarks/out/method_choice.{json,png}`` (per-rou
     python benchmarks/method_choice.py --tasks digits --arms nft-d0 grpo --max-images 5120
     python benchmarks/method_choice.py --report a.json b.json       # merge runs into one table and plot
 
-One CPU thread; the default run takes roughly 10-20 minutes on a shared 2-core machine.
+One CPU thread. On the shared 2-core machine (load from other jobs) a digits arm took 2-10 minutes, so the
+measured run was split by task and arm and merged with ``--report``::
+
+    python benchmarks/method_choice.py --tasks digits --arms nft nft-d0 grpo --max-images 7680
+    python benchmarks/method_choice.py --tasks digits --arms rsm-ev rsm-early am --max-images 7680 --tag method_choice_digits_rsm
+    python benchmarks/method_choice.py --tasks digits --arms grpo-parity --max-images 7680 --tag method_choice_digits_parity
+    python benchmarks/method_choice.py --tasks jpeg --arms nft-d0 grpo rsm-ev nft --max-images 5120 --tag method_choice_jpeg
+    python benchmarks/method_choice.py --tasks jpeg --arms grpo-parity --max-images 5120 --tag method_choice_jpeg_parity
+    cd benchmarks/out && python ../method_choice.py --out . --tag method_choice_all --report method_choice.json \
+        method_choice_digits_parity.json method_choice_digits_rsm.json method_choice_jpeg.json method_choice_jpeg_parity.json
+
+Measured (seed 0; forward-equivalents and images are deterministic, wall times are not)::
+
+    task    arm          threshold  fwd-equiv  images  reward diversity     FID
+    digits  nft              0.900  >1.15e+05   >7680   0.794     29.61  127.99
+    digits  nft-d0           0.900   5.76e+04    3840   0.910     23.46   51.01
+    digits  grpo             0.900   2.56e+05    5120   0.903     25.31   72.98
+    digits  grpo-parity      0.900   1.41e+05    2816   0.913     24.73   36.77
+    digits  rsm-ev           0.900  >1.08e+05   >7680   0.422     40.33  821.63
+    digits  rsm-early        0.900    4.3e+04    3072   0.916     23.89   81.47
+    jpeg    nft-d0          -0.689   6.14e+04    4096  -0.682     33.22  687.33
+    jpeg    grpo            -0.689   1.54e+05    3072  -0.687     38.55  485.96
+    jpeg    rsm-ev          -0.689   6.09e+04    4352  -0.688     41.61  225.76
+    jpeg    nft             -0.689  >7.68e+04   >5120  -0.719     40.19  340.22
+    jpeg    grpo-parity     -0.689   1.02e+05    2048  -0.683     41.10  394.08
+
+Target (NFT best >= 3x fewer forward-equivalents than the GRPO family's best at equal or better diversity):
+**not met** on either task: best zeroth-order / best NFT = 0.75x on digits (rsm-early vs nft-d0) and 0.99x on
+JPEG (rsm-ev vs nft-d0). Against plain Flow-GRPO it holds on digits (4.4x ours, 2.5x parity) and not on JPEG
+(2.5x, 1.7x). The reason: one-step branching trains one transition per sample instead of all 10, which removes
+most of GRPO's cost (training forwards + backwards of every transition); rollouts cost the same for every arm.
 """
 
 from __future__ import annotations
