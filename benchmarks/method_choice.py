@@ -69,6 +69,7 @@ Measured (seed 0; forward-equivalents and images are deterministic, wall times a
     digits  grpo-parity      0.900   1.41e+05    2816   0.913     24.73   36.77
     digits  rsm-ev           0.900  >1.08e+05   >7680   0.422     40.33  821.63
     digits  rsm-early        0.900    4.3e+04    3072   0.916     23.89   81.47
+    digits  am               0.900  >4.99e+05   >7680   0.883     26.28   44.84
     jpeg    nft-d0          -0.689   6.14e+04    4096  -0.682     33.22  687.33
     jpeg    grpo            -0.689   1.54e+05    3072  -0.687     38.55  485.96
     jpeg    rsm-ev          -0.689   6.09e+04    4352  -0.688     41.61  225.76
@@ -283,6 +284,10 @@ def print_table(results: list[dict[str, Any]]) -> None:
             print(f"{task}: no ratio (NFT reached: {bool(nft)}, GRPO family reached: {bool(grpo)})")
 
 
+COLORS = {"nft": "tab:blue", "nft-d0": "tab:cyan", "grpo": "tab:red", "grpo-parity": "tab:orange",
+          "rsm-ev": "tab:purple", "rsm-early": "tab:brown", "am": "tab:green"}
+
+
 def plot(results: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -295,11 +300,12 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         for r in (r for r in results if r["task"] == task):
             x = [row["forward_equivalents"] for row in r["rows"]]
             y = [row["eval_reward"] for row in r["rows"]]
-            line, = ax.plot(x, y, lw=1.4, label=r["arm"])
+            line, = ax.plot(x, y, lw=1.4, label=r["arm"], color=COLORS.get(r["arm"]))
             if r["reached"]:
                 ax.plot(r["forward_equivalents"], r["reward_at"], "*", ms=10, color=line.get_color(), mec="k", mew=0.5)
         ax.axhline(results[[r["task"] for r in results].index(task)]["threshold"], color="k", ls="--", lw=0.8)
         ax.set_xscale("symlog", linthresh=1e4)
+        ax.set_xlim(left=0)
         ax.set_xlabel("forward-equivalents (rollouts + training)")
         ax.set_ylabel("fixed-noise evaluation reward")
         ax.set_title(f"{task} (* = threshold reached)")
