@@ -46,7 +46,9 @@ Default ``std_scope = "global"`` (the release's default is a global std too): a 
 inflates the advantages of groups whose samples are nearly equally good (noise amplification on
 easy or impossible prompts). We pool the *within-group* spread, not the std of the raw rewards the
 release uses: the centred advantage only carries within-group variation, and prompts with
-different reward levels should not shrink everyone's step. With one group both agree.
+different reward levels should not shrink everyone's step. With one group both agree. The release's
+choice is ``std_scope="raw"``, ``sigma = std(R)`` over all ``N`` raw rewards (peer parity: it reproduces
+published DiffusionNFT runs; with groups at different reward levels its advantages are smaller).
 
 ``eps = 1e-4`` (as the release) is added to ``sigma``; constant groups and singletons give
 ``A = 0`` exactly (no NaN) for any ``eps >= 0``.
@@ -69,10 +71,10 @@ from torch import Tensor
 from lightning_nft.rewards import check_finite_rewards
 
 NormalizationMode = Literal["group", "minmax", "binary"]
-StdScope = Literal["group", "global"]
+StdScope = Literal["group", "global", "raw"]
 
 NORMALIZATION_MODES = ("group", "minmax", "binary")
-STD_SCOPES = ("group", "global")
+STD_SCOPES = ("group", "global", "raw")
 
 _TIE_ULPS = 16.0
 
@@ -123,8 +125,9 @@ def normalize_rewards(
         group: group id of each sample ``(N,)`` (any integers, e.g. unique across ranks) or
             ``None`` for a single group. Ignored by ``"minmax"``.
         mode: ``"group"``, ``"minmax"`` or ``"binary"``.
-        std_scope: ``"group"`` (std per group) or ``"global"`` (pooled within-group std over all
-            ``N``); used by ``"group"`` only.
+        std_scope: ``"group"`` (std per group), ``"global"`` (pooled within-group std over all
+            ``N``) or ``"raw"`` (std of the raw rewards over all ``N``, DiffusionNFT's release; peer parity);
+            used by ``"group"`` only.
         clip: ``c > 0``, the advantage clip of ``"group"`` mode (``r = clip(A, -c, c) / (2c) + 1/2``).
         eps: ``>= 0``, added to the std.
 
@@ -169,6 +172,8 @@ def normalize_rewards(
     if std_scope == "group":
         counts = _group_reduce(torch.ones_like(r64), index, n_groups)
         std = (_group_reduce(centred**2, index, n_groups) / counts).sqrt()[index]
+    elif std_scope == "raw":
+        std = r64.std(unbiased=False).expand(n)
     else:
         std = (centred**2).mean().sqrt().expand(n)
     adv, r = _clipped_advantages(centred, std, clip, eps)

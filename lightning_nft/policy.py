@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 from typing_extensions import override
 
+from lightning_nft.compute import ComputeLedger
 from lightning_nft.conditions import condition_to, metadata_of, network_input, repeat_condition
 from lightning_nft.guidance import guided_velocity
 from lightning_nft.lora import OLD_ADAPTER, active_adapter, adapter_parameter_pairs, adapters_disabled, has_lora
@@ -210,6 +211,10 @@ class OnlineFineTuningMixin(pl.LightningModule):
     KL use the guided transitions, those actually sampled (:meth:`policies`); Adjoint Matching refuses
     guided rollouts (its regression target assumes the model's own memoryless SDE). ``decoder`` maps
     latents to pixels before rewards (:meth:`decoded_reward`), image grids, sample metrics and evaluation.
+    Compute: every call of :meth:`velocity`, :meth:`old_velocity` and :meth:`reference_velocity` is counted in
+    ``compute_ledger`` (:class:`~lightning_nft.compute.ComputeLedger`; phase ``rollout`` inside
+    :meth:`collect_rollouts`, ``train`` inside :meth:`training_step`), and the cumulative ``compute/*`` figures
+    are logged once per round (:meth:`log_compute`).
 
     Override points: :meth:`network_velocity`, :meth:`sample_conditions`, :meth:`rollout`,
     :meth:`compute_rewards`, :meth:`compute_loss`.
@@ -291,6 +296,8 @@ class OnlineFineTuningMixin(pl.LightningModule):
         self._minibatch_cursor = 0
         self._round_sums: dict[str, Tensor] = {}
         self._round_steps = 0
+        self.compute_ledger = ComputeLedger()
+        self._images_at_round_start = 0
 
     # ------------------------------------------------------------------ policies
     @property
@@ -303,24 +310,28 @@ class OnlineFineTuningMixin(pl.LightningModule):
         return network(x, t, network_input(cond))
 
     def velocity(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
-        """Current policy ``v_theta`` (differentiable in parameters and ``x``)."""
-        return self.network_velocity(self.policy_network, x, t, cond)
+        """Current policy ``v_theta`` (differentiable in parameters and ``x``); counted in ``compute_ledger``."""
+        return self.compute_ledger.record_output("current", self.network_velocity(self.policy_network, x, t, cond))
 
     def old_velocity(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
-        """Old policy ``v_old``: no parameter gradients (differentiable in ``x``)."""
+        """Old policy ``v_old``: no parameter gradients (differentiable in ``x``); counted in ``compute_ledger``."""
         if self.uses_lora:
             with active_adapter(self.policy_network, OLD_ADAPTER):
-                return self.network_velocity(self.policy_network, x, t, cond)
-        if self.old_backbone is None:
+                out = self.network_velocity(self.policy_network, x, t, cond)
+        elif self.old_backbone is None:
             raise RuntimeError(f"{type(self.objective).__name__} keeps no old policy (needs_old_policy=False)")
-        return self.network_velocity(self.old_backbone, x, t, cond)
+        else:
+            out = self.network_velocity(self.old_backbone, x, t, cond)
+        return self.compute_ledger.record_output("old", out)
 
     def reference_velocity(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
-        """Frozen initial model ``v_ref``: no parameter gradients (differentiable in ``x``)."""
+        """Frozen initial model ``v_ref``: no parameter gradients (differentiable in ``x``); counted in ``compute_ledger``."""
         if self.uses_lora:
             with adapters_disabled(self.policy_network):
-                return self.network_velocity(self.policy_network, x, t, cond)
-        return self.network_velocity(self.reference_backbone, x, t, cond)
+                out = self.network_velocity(self.policy_network, x, t, cond)
+        else:
+            out = self.network_velocity(self.reference_backbone, x, t, cond)
+        return self.compute_ledger.record_output("reference", out)
 
     def policy_velocity(self, policy: PolicyRole) -> VelocityFn:
         """The velocity of ``policy`` (``"current"``, ``"old"`` or ``"reference"``)."""
@@ -475,9 +486,11 @@ class OnlineFineTuningMixin(pl.LightningModule):
         g = round_generator(self.rollout_seed, rank, round_index, substep)
         cond = condition_to(repeat_condition(self.sample_conditions(P, g), K), self.device)
         x0 = torch.randn((P * K, *self.sample_shape), generator=g).to(self.device)
-        # score_chunks > 1: chunk k is scored (a thread) while chunk k + 1 is sampled
-        out, rewards = rollout_and_score(self.rollout, self.compute_rewards, x0, cond, g, K,
-                                         getattr(self, "score_chunks", 1))
+        with self.compute_ledger.phase("rollout"):
+            # score_chunks > 1: chunk k is scored (a thread) while chunk k + 1 is sampled
+            out, rewards = rollout_and_score(self.rollout, self.compute_rewards, x0, cond, g, K,
+                                             getattr(self, "score_chunks", 1))
+        self.compute_ledger.add_images(out.samples.shape[0])
         group = (rank * P + torch.arange(P, device=rewards.device)).repeat_interleave(K)
         # a per-prompt normaliser (PromptStatTracker) groups by prompt id, across rounds and ranks
         by = self._prompt_ids(cond).to(rewards.device) if getattr(self.normalizer, "per_prompt", False) else group
@@ -582,7 +595,8 @@ class OnlineFineTuningMixin(pl.LightningModule):
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         g = loss_generator(self.rollout_seed, self.global_rank, self.current_epoch, batch_idx)
-        loss, logs = self.compute_loss(self.next_minibatch(), g)
+        with self.compute_ledger.phase("train"):
+            loss, logs = self.compute_loss(self.next_minibatch(), g)
         if self.step_metrics:
             self.log("train/loss", loss, prog_bar=True)
             for k, v in logs.items():
@@ -600,22 +614,36 @@ class OnlineFineTuningMixin(pl.LightningModule):
         for k, total in self._round_sums.items():
             self.log(f"train/{k}", total / self._round_steps, prog_bar=k == "loss", sync_dist=True)
         self._round_sums, self._round_steps = {}, 0
+        self.log_compute()
+
+    def log_compute(self) -> None:
+        """Log the cumulative ``compute/*`` figures of :class:`~lightning_nft.compute.ComputeLedger`, summed
+        over ranks, and ``compute/images_per_round`` (sampled rollouts since the last call)."""
+        ledger = self.compute_ledger
+        figures = ledger.summary()
+        figures["images_per_round"] = float(ledger.images - self._images_at_round_start)
+        self._images_at_round_start = ledger.images
+        for k, v in figures.items():
+            self.log(f"compute/{k}", v, reduce_fx="sum", sync_dist=True)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Checkpoints carry the rollout counter (old policy and reference are submodules: in the state dict)."""
+        """Checkpoints carry the rollout counter and the compute ledger (old policy and reference are submodules: in the state dict)."""
         super().on_save_checkpoint(checkpoint)
-        checkpoint["lightning_nft"] = {"rollout_version": self.rollout_version}
+        checkpoint["lightning_nft"] = {"rollout_version": self.rollout_version,
+                                       "compute_ledger": self.compute_ledger.state_dict()}
         if hasattr(self.normalizer, "state_dict"):  # e.g. the per-prompt history of PromptStatTracker
             checkpoint["lightning_nft"]["normalizer"] = self.normalizer.state_dict()
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        self.rollout_version = int(checkpoint.get("lightning_nft", {}).get("rollout_version", 0))
-        state = checkpoint.get("lightning_nft", {}).get("normalizer")
-        if state is not None and hasattr(self.normalizer, "load_state_dict"):
-            self.normalizer.load_state_dict(state)
+        state = checkpoint.get("lightning_nft", {})
+        self.rollout_version = int(state.get("rollout_version", 0))
+        self.compute_ledger.load_state_dict(state.get("compute_ledger", {}))
+        self._images_at_round_start = self.compute_ledger.images
+        if state.get("normalizer") is not None and hasattr(self.normalizer, "load_state_dict"):
+            self.normalizer.load_state_dict(state["normalizer"])
 
 
 def _frozen_copy(module: nn.Module) -> nn.Module:

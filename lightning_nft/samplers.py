@@ -79,6 +79,8 @@ __all__ = [
     "PowerLawNoise",
     "MemorylessNoise",
     "FlowGRPONoise",
+    "FlowGRPOEulerMaruyamaNoise",
+    "flow_grpo_sigma",
     "build_noise",
     "SampleOutput",
     "Solver",
@@ -87,6 +89,8 @@ __all__ = [
     "SDESolver",
     "gaussian_log_prob",
     "build_solver",
+    "native_gradient_scale",
+    "equal_variance_shares",
 ]
 
 
@@ -289,12 +293,63 @@ class FlowGRPONoise(PowerLawNoise):
         return f"FlowGRPONoise(a={self.a})"
 
 
+def flow_grpo_sigma(a: float, t: Tensor, t_next: Tensor) -> Tensor:
+    r"""Flow-GRPO's diffusion coefficient at a step ``t -> t_next``, with its clip at ``t = 0``.
+
+    ``sigma_t = a sqrt((1 - t) / t~)`` with ``t~ = t`` for ``t > 0`` and ``t~ = t_next`` on the first step
+    (Flow-GRPO's ``std_dev_t = a sqrt(s / (1 - where(s == 1, s_max, s)))`` in the noise level ``s = 1 - t``,
+    ``s_max`` the grid's second noise level; "Flow-GRPO: Training Flow Matching Models via Online RL",
+    arXiv:2505.05470, Eq. 9). ``t``, ``t_next``: float tensors of one shape; returns that shape.
+    """
+    t_eff = torch.where(t > 0, t, t_next)
+    return a * torch.sqrt((1 - t) / t_eff)
+
+
+class FlowGRPOEulerMaruyamaNoise(NoiseSchedule):
+    r"""Flow-GRPO's own SDE step (peer parity): Euler-Maruyama with a clipped first step.
+
+    The SDE ``dX = [(1 + c t) v - c X] dt + sigma dB`` with ``sigma_t = a sqrt((1 - t) / t)`` and
+    ``c = sigma^2 / (2 (1 - t))``, stepped by Euler-Maruyama as Flow-GRPO's ``sde_step_with_logprob``
+    (arXiv:2505.05470, Eq. 9-10): with ``h = t' - t`` and ``sigma_t`` from :func:`flow_grpo_sigma` (first step:
+    ``t~ = t'`` in the denominator),
+
+    .. math::
+
+        F = 1 - \frac{\sigma_t^2}{2 (1 - t)} h = 1 - \frac{a^2 h}{2 \tilde t}, \qquad
+        \mathrm{Var} = \sigma_t^2 h, \qquad G = t' - F t = h (1 + c t).
+
+    In Flow-GRPO's variables (noise level ``s = 1 - t``, ``dt = -h``, model output ``-v``) the mean is its
+    ``x (1 + sigma^2 dt / (2 s)) + model_output (1 + sigma^2 (1 - s) / (2 s)) dt``. The exponential integrator of
+    :class:`FlowGRPONoise` is the library's default (exact in the linear part, no clip); use this schedule with
+    :class:`SDESolver` to reproduce published Flow-GRPO runs.
+    """
+
+    def __init__(self, a: float = 0.7) -> None:
+        a = float(a)
+        if not (a > 0 and math.isfinite(a)):
+            raise ValueError(f"a must be a positive finite number, got {a}")
+        self.a = a
+
+    def sigma(self, t: Tensor) -> Tensor:
+        t = torch.as_tensor(t)
+        return self.a * torch.sqrt((1 - t) / t)
+
+    def step_coefficients(self, t: Tensor, t_next: Tensor) -> tuple[Tensor, Tensor]:
+        t, t_next = torch.broadcast_tensors(torch.as_tensor(t), torch.as_tensor(t_next))
+        h = t_next - t
+        sigma = flow_grpo_sigma(self.a, t, t_next)
+        return 1 - sigma.pow(2) / (2 * (1 - t)) * h, sigma.pow(2) * h
+
+    def __repr__(self) -> str:
+        return f"FlowGRPOEulerMaruyamaNoise(a={self.a})"
+
+
 NoiseLike = Union[NoiseSchedule, str, float]
 
 
 def build_noise(noise: NoiseLike = "memoryless", a: float = 0.7) -> NoiseSchedule:
     """A :class:`NoiseSchedule` from a spec: an instance, ``"memoryless"``, ``"flow_grpo"`` (with
-    ``a``), ``"zero"``, or a number ``k`` (``PowerLawNoise(k)``; ``k = 0`` is :class:`ZeroNoise`)."""
+    ``a``), ``"flow_grpo_em"`` (Flow-GRPO's Euler-Maruyama step, parity), ``"zero"``, or a number ``k`` (``PowerLawNoise(k)``; ``k = 0`` is :class:`ZeroNoise`)."""
     if isinstance(noise, NoiseSchedule):
         return noise
     if isinstance(noise, str):
@@ -303,6 +358,8 @@ def build_noise(noise: NoiseLike = "memoryless", a: float = 0.7) -> NoiseSchedul
             return MemorylessNoise()
         if name in ("flow_grpo", "flowgrpo"):
             return FlowGRPONoise(a=a)
+        if name in ("flow_grpo_em", "flowgrpo_em"):
+            return FlowGRPOEulerMaruyamaNoise(a=a)
         if name in ("zero", "none", "ode"):
             return ZeroNoise()
         try:
@@ -558,6 +615,35 @@ def build_solver(name: str = "euler", **kwargs: Any) -> Solver:
 # ----------------------------------------------------------------------------------------------
 
 
+def native_gradient_scale(noise: NoiseSchedule, times: Tensor) -> Tensor:
+    r"""``c_j = G_j / s_j`` of every step of ``times (T+1,)``, float64 ``(T,)``.
+
+    A Gaussian step ``N(F x + G v, s^2 I)`` has ``grad_v log pi = (G / s) eps`` (``eps`` the step's standard
+    normal noise), so ``c_j`` is the step's native scale: the likelihood ratio moves by ``c_j`` per unit of
+    velocity change, and the zeroth-order (REINFORCE) value-gradient estimate of step ``j`` from ``W``
+    sibling rewards has standard deviation ``\propto c_j / sqrt(W)`` ("Reward Score Matching", Eq. 19 and
+    Eqs. 20-23). Steps with ``s_j = 0`` raise.
+    """
+    t64 = times.detach().to(torch.float64).cpu()
+    decay, var = noise.step_coefficients(t64[:-1], t64[1:])
+    std = var.clamp_min(0.0).sqrt()
+    if bool((std <= 0).any()):
+        raise ValueError(f"{noise!r} has a deterministic step on this grid; its native gradient scale is infinite")
+    return (t64[1:] - decay * t64[:-1]) / std
+
+
+def equal_variance_shares(noise: NoiseSchedule, times: Tensor) -> Tensor:
+    r"""Branching budget per step that equalises the estimators' variance: ``p_j \propto c_j^2``, ``(T,)``.
+
+    At a fixed branch width the variance of step ``j``'s zeroth-order estimate grows as ``c_j^2``
+    (:func:`native_gradient_scale`); spending ``n_j \propto c_j^2`` groups on step ``j`` makes the variance of its
+    average, ``\propto c_j^2 / n_j``, equal across steps: "reallocate branching budget toward the steps where
+    the estimator is noisiest" ("Reward Score Matching", sec. 5.2). Normalised to sum to one.
+    """
+    c2 = native_gradient_scale(noise, times).pow(2)
+    return c2 / c2.sum()
+
+
 class BranchingSDESolver(SDESolver):
     r"""One-step branching rollouts (TempFlow-GRPO; "Reward Score Matching", App. C.2.3, Eq. 113), a simple version.
 
@@ -591,11 +677,13 @@ class BranchingSDESolver(SDESolver):
             Flow-GRPO's with ``a = 0.7``).
         branch_width: ``W >= 2`` rows per block.
         branch_steps: allowed branching steps (indices into the ``T`` steps; negative counts from the end).
-        branch_probs: probabilities of ``branch_steps`` (normalised).
+        branch_probs: probabilities of ``branch_steps`` (normalised), or ``"equal_variance"``
+            (:func:`equal_variance_shares` restricted to ``branch_steps``; leave a step out of ``branch_steps``
+            to switch it off).
     """
 
     def __init__(self, noise: NoiseLike = "flow_grpo", a: float = 0.7, branch_width: int = 4,
-                 branch_steps: Optional[Sequence[int]] = None, branch_probs: Optional[Sequence[float]] = None) -> None:
+                 branch_steps: Optional[Sequence[int]] = None, branch_probs: Optional[Union[Sequence[float], str]] = None) -> None:
         super().__init__(noise, a=a)
         if isinstance(branch_width, bool) or not isinstance(branch_width, int) or branch_width < 2:
             raise ValueError(f"branch_width must be an integer >= 2; got {branch_width!r}")
@@ -605,7 +693,11 @@ class BranchingSDESolver(SDESolver):
         self.branch_steps = None if branch_steps is None else [int(j) for j in branch_steps]
         if self.branch_steps is not None and not self.branch_steps:
             raise ValueError("branch_steps must not be empty")
-        if branch_probs is not None:
+        if isinstance(branch_probs, str):
+            if branch_probs != "equal_variance":
+                raise ValueError(f"branch_probs must be a list of numbers or 'equal_variance'; got {branch_probs!r}")
+            self.branch_probs = branch_probs
+        elif branch_probs is not None:
             p = torch.as_tensor([float(v) for v in branch_probs], dtype=torch.float64)
             n = len(self.branch_steps) if self.branch_steps is not None else None
             if n is None or p.numel() != n:
@@ -616,15 +708,23 @@ class BranchingSDESolver(SDESolver):
         else:
             self.branch_probs = None
 
-    def candidate_steps(self, n_steps: int) -> tuple[Tensor, Tensor]:
-        """Allowed branching steps ``(C,)`` (in ``[0, n_steps)``) and their probabilities ``(C,)``."""
+    def candidate_steps(self, n_steps: int, times: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        r"""Allowed branching steps ``(C,)`` (in ``[0, n_steps)``) and their probabilities ``(C,)``.
+
+        ``branch_probs="equal_variance"`` needs the grid ``times (n_steps + 1,)``: step ``j`` gets a share
+        ``p_j \propto (G_j / s_j)^2`` of the groups (:func:`equal_variance_shares`)."""
         if self.branch_steps is None:
             steps = torch.arange(n_steps)
         else:
             steps = torch.as_tensor([j + n_steps if j < 0 else j for j in self.branch_steps])
             if bool(((steps < 0) | (steps >= n_steps)).any()):
                 raise ValueError(f"branch_steps {self.branch_steps} out of range for {n_steps} sampler steps")
-        if self.branch_probs is not None:
+        if isinstance(self.branch_probs, str):
+            if times is None:
+                raise ValueError("branch_probs='equal_variance' needs the time grid")
+            probs = equal_variance_shares(self.noise, times)[steps]
+            probs = probs / probs.sum()
+        elif self.branch_probs is not None:
             probs = self.branch_probs
         else:
             probs = torch.full((steps.numel(),), 1.0 / steps.numel(), dtype=torch.float64)
@@ -646,7 +746,7 @@ class BranchingSDESolver(SDESolver):
         if n % w:
             raise ValueError(f"BranchingSDESolver needs a batch that is a multiple of branch_width={w}; got {n}")
         n_steps = len(ts) - 1
-        cand, probs = self.candidate_steps(n_steps)
+        cand, probs = self.candidate_steps(n_steps, times)
         pick = torch.multinomial(probs, n // w, replacement=True, generator=generator)
         branch_step = cand[pick].repeat_interleave(w).to(x0.device)  # (B,)
         x = x0[::w].repeat_interleave(w, dim=0)
@@ -672,6 +772,7 @@ class BranchingSDESolver(SDESolver):
                             log_probs=torch.stack(logps) if return_log_probs else None)
 
     def __repr__(self) -> str:
-        probs = None if self.branch_probs is None else self.branch_probs.tolist()
+        probs = self.branch_probs if self.branch_probs is None or isinstance(self.branch_probs, str) \
+            else self.branch_probs.tolist()
         return (f"BranchingSDESolver(noise={self.noise!r}, branch_width={self.branch_width}, "
                 f"branch_steps={self.branch_steps}, branch_probs={probs})")

@@ -63,6 +63,23 @@ is also averaged over dimensions): per-dimension ratios stay much closer to 1, a
 range is correspondingly tiny (``1e-4`` for SD3.5). Pick ``clip_range`` (and ``kl_weight``) for the
 reduction in use.
 
+**Peer parity with Flow-GRPO's code** ("Flow-GRPO: Training Flow Matching Models via Online RL",
+arXiv:2505.05470). Three differences besides the reduction, each an option whose default is ours:
+
+* its SDE step is Euler-Maruyama with the first step's ``sigma`` clipped (``sde_step="euler_maruyama"``,
+  :class:`~lightning_nft.samplers.FlowGRPOEulerMaruyamaNoise`); ours integrates the linear part exactly;
+* its KL term divides ``||mu - mu_ref||^2`` by ``2 sigma_t^2``, the squared *diffusion coefficient*, not by
+  the step variance ``2 s_j^2 = 2 sigma_t^2 h``: it is the exact transition KL above times the step size ``h``,
+  so the two do **not** agree (``kl_form="flow_grpo"``; a ``kl_weight`` tuned for one is ``1 / h`` times
+  too strong or weak for the other);
+* DiffusionNFT's (and Flow-GRPO's global) advantage uses the std of the raw rewards
+  (``RewardNormalizer(std_scope="raw")`` in :mod:`lightning_nft.advantages`).
+
+**Fair clipping** (``clipping="fair"``; Reward Score Matching, Eq. 24): the log-ratio of step ``j`` moves
+by ``c_j = G_j / s_j`` per unit of velocity change, so one ``clip_range`` binds first at the high-SNR
+steps. :func:`fair_clip_loss` clips ``log rho / c_j`` and multiplies by ``c_j`` outside the clip: the
+unclipped gradient is unchanged and the trust region is one velocity change at every step.
+
 Shapes: ``trajectory (T+1, N, *S)``, ``times (T+1,)``, ``log_probs (T, N)``, ``advantages (N,)``;
 trained transitions are flattened to ``M = B * K`` rows ``(M, *S)``.
 """
@@ -83,23 +100,29 @@ from lightning_nft.conditions import index_condition
 from lightning_nft.rollouts import RolloutBatch
 from lightning_nft.samplers import (
     BranchingSDESolver,
+    FlowGRPOEulerMaruyamaNoise,
     FlowGRPONoise,
     SDESolver,
     Solver,
     VelocityFn,
     ZeroNoise,
+    flow_grpo_sigma,
     gaussian_log_prob,
+    native_gradient_scale,
 )
 
 TrainTimesteps = Union[str, int, float]
 TemporalWeighting = Union[str, Sequence[float]]
 LogProbReduction = Literal["sum", "mean"]
+Clipping = Literal["ratio", "fair"]
+KLForm = Literal["exact", "flow_grpo"]
 
 TEMPORAL_WEIGHTINGS = ("uniform", "sigma", "flat")
 
 __all__ = [
     "likelihood_ratio",
     "ppo_clip_loss",
+    "fair_clip_loss",
     "gaussian_mean_kl",
     "temporal_weights",
     "select_train_steps",
@@ -150,12 +173,31 @@ def ppo_clip_loss(ratio: Tensor, advantages: Tensor, clip_range: float) -> Tenso
     return -torch.minimum(unclipped, clipped)
 
 
+def fair_clip_loss(log_ratio: Tensor, advantages: Tensor, step_scale: Tensor, clip_range: float) -> Tensor:
+    r"""PPO-clip with the step's scale outside the clip ("fair" clipping; Reward Score Matching, Eq. 24), ``(M,)``.
+
+    ``-c_j min(rho~ A, clip(rho~, 1 - eps, 1 + eps) A)`` with ``rho~ = exp(log_ratio / c_j)`` and ``c_j = G_j / s_j``
+    the native gradient scale of the row's step (:func:`~lightning_nft.samplers.native_gradient_scale`).
+    For a velocity change ``delta`` the log-ratio of a Gaussian step is ``c_j eps.delta - c_j^2 |delta|^2 / 2``,
+    so plain PPO clips high-``c_j`` (high-SNR) steps first; ``log_ratio / c_j = eps.delta - c_j |delta|^2 / 2``
+    is comparable across steps and the clip binds at one velocity change everywhere. Where no clip binds the
+    gradient is PPO's, ``c_j A grad(log_ratio) / c_j = A grad(log_ratio)``.
+
+    ``log_ratio`` (differentiable), ``advantages`` and ``step_scale`` (positive): one shape ``(M,)``.
+    """
+    if not bool((step_scale > 0).all()):
+        raise ValueError("step_scale must be positive")
+    return step_scale * ppo_clip_loss(torch.exp(log_ratio / step_scale), advantages, clip_range)
+
+
 def gaussian_mean_kl(mean: Tensor, mean_ref: Tensor, std: Tensor, reduction: LogProbReduction = "sum") -> Tensor:
     """``KL(N(mean, s^2 I) || N(mean_ref, s^2 I)) = ||mean - mean_ref||^2 / (2 s^2)`` per row, ``(M,)``.
 
     ``mean``, ``mean_ref``: ``(M, *S)`` (``mean_ref`` detached here); ``std``: float, 0-d or ``(M,)``.
-    Seed 002, Eq. 90 (equal covariances: the log-determinant and trace terms cancel). ``reduction="mean"``
-    divides by ``D = prod(S)`` (Flow-GRPO's implementation).
+    Reward Score Matching, Eq. 90 (equal covariances: the log-determinant and trace terms cancel).
+    ``reduction="mean"`` divides by ``D = prod(S)``. Flow-GRPO's KL term is this with ``std`` its diffusion
+    coefficient ``sigma_t`` (:func:`~lightning_nft.samplers.flow_grpo_sigma`) instead of the step std
+    ``s_j = sigma_t sqrt(h)``: its value is the exact KL times the step size ``h`` (``kl_form="flow_grpo"``).
     """
     if mean.shape != mean_ref.shape:
         raise ValueError(f"mean and mean_ref must have one shape; got {tuple(mean.shape)}, {tuple(mean_ref.shape)}")
@@ -324,9 +366,18 @@ class GRPOObjective(Objective):
             (:func:`temporal_weights`).
         branch_width: ``0`` or ``1``: full SDE rollouts (Flow-GRPO). ``W >= 2``: TempFlow-style one-step
             branching rollouts (:class:`BranchingSDESolver`); the module's ``group_size`` must equal ``W``.
-        branch_steps, branch_probs: where branching may happen and how often (:class:`BranchingSDESolver`).
+        branch_steps, branch_probs: where branching may happen and how often (:class:`BranchingSDESolver`;
+            ``branch_probs="equal_variance"`` spends groups in proportion to ``c_j^2``, a step left out of ``branch_steps``
+            is switched off).
         log_prob_reduction: ``"sum"`` (exact transition ratio and KL) or ``"mean"`` (Flow-GRPO's code:
             divided by ``D``).
+        clipping: ``"ratio"`` (PPO-clip of ``rho``) or ``"fair"`` (the step's native scale ``c_j = G_j / s_j``
+            outside the clip, :func:`fair_clip_loss`; Reward Score Matching, Eq. 24).
+        kl_form: ``"exact"`` (``||mu - mu_ref||^2 / (2 s_j^2)``, the transition KL) or ``"flow_grpo"``
+            (Flow-GRPO's ``/ (2 sigma_t^2)``, the exact KL times the step size; peer parity).
+        sde_step: ``"exponential"`` (default, :class:`~lightning_nft.samplers.FlowGRPONoise`, exact in the
+            linear part) or ``"euler_maruyama"`` (Flow-GRPO's own step with its clipped first step,
+            :class:`~lightning_nft.samplers.FlowGRPOEulerMaruyamaNoise`; peer parity). Only for the default solver.
 
     Logs ``policy_loss``, ``kl`` (unweighted), ``ratio_mean``, ``ratio_max_dev = max |rho - 1|``,
     ``clip_fraction`` (share of rows whose clip binds) and ``approx_kl = mean (log rho)^2 / 2``.
@@ -350,8 +401,11 @@ class GRPOObjective(Objective):
         temporal_weighting: TemporalWeighting = "uniform",
         branch_width: int = 0,
         branch_steps: Optional[Sequence[int]] = None,
-        branch_probs: Optional[Sequence[float]] = None,
+        branch_probs: Optional[Union[Sequence[float], str]] = None,
         log_prob_reduction: LogProbReduction = "sum",
+        clipping: Clipping = "ratio",
+        kl_form: KLForm = "exact",
+        sde_step: Literal["exponential", "euler_maruyama"] = "exponential",
     ) -> None:
         if not float(clip_range) > 0:
             raise ValueError(f"clip_range must be positive; got {clip_range}")
@@ -359,6 +413,12 @@ class GRPOObjective(Objective):
             raise ValueError(f"kl_weight must be non-negative and finite; got {kl_weight}")
         if not 0.0 <= float(t_min) <= float(t_max) <= 1.0:
             raise ValueError(f"need 0 <= t_min <= t_max <= 1; got t_min={t_min}, t_max={t_max}")
+        if clipping not in ("ratio", "fair"):
+            raise ValueError(f"clipping must be 'ratio' or 'fair'; got {clipping!r}")
+        if kl_form not in ("exact", "flow_grpo"):
+            raise ValueError(f"kl_form must be 'exact' or 'flow_grpo'; got {kl_form!r}")
+        if sde_step not in ("exponential", "euler_maruyama"):
+            raise ValueError(f"sde_step must be 'exponential' or 'euler_maruyama'; got {sde_step!r}")
         if log_prob_reduction not in ("sum", "mean"):
             raise ValueError(f"log_prob_reduction must be 'sum' or 'mean'; got {log_prob_reduction!r}")
         if isinstance(temporal_weighting, str) and temporal_weighting not in TEMPORAL_WEIGHTINGS:
@@ -377,6 +437,7 @@ class GRPOObjective(Objective):
         self.branch_steps = branch_steps
         self.branch_probs = branch_probs
         self.log_prob_reduction = log_prob_reduction
+        self.clipping, self.kl_form, self.sde_step = clipping, kl_form, sde_step
         self._solver = self._build_solver()
 
     @property
@@ -384,7 +445,8 @@ class GRPOObjective(Objective):
         return self.branch_width >= 2
 
     def _build_solver(self) -> SDESolver:
-        noise = FlowGRPONoise(self.noise_level)
+        noise = FlowGRPONoise(self.noise_level) if self.sde_step == "exponential" else \
+            FlowGRPOEulerMaruyamaNoise(self.noise_level)
         if self.branching:
             return BranchingSDESolver(noise, branch_width=self.branch_width, branch_steps=self.branch_steps,
                                       branch_probs=self.branch_probs)
@@ -443,10 +505,15 @@ class GRPOObjective(Objective):
         old_lp = batch.log_probs[tb.steps, tb.rows].to(new_lp)
         dim = tb.x.reshape(tb.x.shape[0], -1).shape[1]
         scale = 1.0 if self.log_prob_reduction == "sum" else 1.0 / dim
-        ratio = likelihood_ratio(new_lp, old_lp, scale)
         adv = batch.advantages.to(new_lp)[tb.rows]
         w = self.weights(batch.times, solver).to(new_lp)[tb.steps]
-        per_row = ppo_clip_loss(ratio, adv, self.clip_range)
+        if self.clipping == "fair":
+            c = native_gradient_scale(solver.noise, batch.times).to(new_lp)[tb.steps]
+            ratio = likelihood_ratio(new_lp, old_lp, scale / c)  # rho~ = exp(log rho / c_j)
+            per_row = fair_clip_loss(scale * (new_lp - old_lp.detach()), adv, c, self.clip_range)
+        else:
+            ratio = likelihood_ratio(new_lp, old_lp, scale)
+            per_row = ppo_clip_loss(ratio, adv, self.clip_range)
         policy = (w * per_row).mean()
         loss = policy
         with torch.no_grad():
@@ -462,13 +529,24 @@ class GRPOObjective(Objective):
         if self.kl_weight > 0:
             with torch.no_grad():
                 mean_ref, _ = solver.transition(policies.reference_velocity, tb.x, tb.t, tb.t_next, cond)
-            kl = gaussian_mean_kl(mean, mean_ref, std, self.log_prob_reduction).mean()
+            kl_std = std if self.kl_form == "exact" else self._flow_grpo_sigma(solver, tb)
+            kl = gaussian_mean_kl(mean, mean_ref, kl_std, self.log_prob_reduction).mean()
             loss = loss + self.kl_weight * kl
             logs["kl"] = kl.detach()
         return loss, logs
+
+    @staticmethod
+    def _flow_grpo_sigma(solver: SDESolver, tb: TransitionBatch) -> Tensor:
+        """Flow-GRPO's ``sigma_t`` of each row's step ``(M,)`` (needs a noise schedule with Flow-GRPO's ``a``)."""
+        a = getattr(solver.noise, "a", None)
+        if a is None:
+            raise ValueError(f"kl_form='flow_grpo' needs Flow-GRPO's noise schedule (with its level a); got {solver.noise!r}")
+        t64, tn64 = tb.t.detach().double(), tb.t_next.detach().double()
+        return flow_grpo_sigma(float(a), t64, tn64).to(tb.x.dtype)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(clip_range={self.clip_range}, kl_weight={self.kl_weight}, "
                 f"noise_level={self.noise_level}, train_timesteps={self.train_timesteps!r}, "
                 f"temporal_weighting={self.temporal_weighting!r}, branch_width={self.branch_width}, "
-                f"log_prob_reduction={self.log_prob_reduction!r})")
+                f"log_prob_reduction={self.log_prob_reduction!r}, clipping={self.clipping!r}, "
+                f"kl_form={self.kl_form!r}, sde_step={self.sde_step!r})")
