@@ -85,41 +85,45 @@ class RewardFineTuningModule(PromptEvaluationMixin, OnlineFineTuningMixin):
     """Reward fine-tuning of a velocity-field ``backbone`` with one ``objective``.
 
     Args:
-        backbone: velocity field ``forward(x (B, *S), t (B,), cond) -> (B, *S)`` (time from noise 0 to data 1).
+        backbone: velocity field ``forward(x (B, *S), t (B,), cond) -> (B, *S)``.
         reward: a :class:`~lightning_nft.rewards.Reward` (one float per sample).
         objective: what a minibatch of rollouts costs (NFT, Adjoint Matching, GRPO).
         sample_shape: the shape ``S`` of one sample, e.g. ``[2]`` or ``[1, 8, 8]``.
-        condition_sampler: ``callable(n_groups, generator) -> cond``, one condition per group
-            (``None``: unconditional; groups are then just independent batches).
+        condition_sampler: ``callable(n_groups, generator) -> cond`` (``None``: unconditional).
         groups_per_round, group_size: ``P`` conditions and ``K`` samples each, per rank and round.
         steps_per_round: gradient steps per round on the round's rollouts.
-        minibatch_size: rollouts per gradient step (``None``: ``N / steps_per_round``, a partition).
+        minibatch_size: rollouts per gradient step (``None``: ``N / steps_per_round``).
         solver, n_sample_steps, time_shift: rollout sampler (default: the objective's, else Euler)
             on ``time_grid(n_sample_steps, shift=time_shift)``.
-        normalizer: raw rewards -> advantages and optimality probabilities ``r``
-            (default ``RewardNormalizer()``: group-centred, clipped).
-        optimizer: ``params -> Optimizer`` over the trainable backbone parameters (default AdamW, lr 1e-4).
-        lr_scheduler: optional ``optimizer -> LRScheduler``, stepped every optimiser step (e.g.
-            ``torch.optim.lr_scheduler.LinearLR`` for a linear decay over the fit).
-        lora: inject LoRA adapters (reference = adapters off, old = second adapter); a ``LoraSettings``
-            or the dict of its fields.
-        rollout_seed: rollout noise of rank ``k`` in round ``e`` comes from a generator seeded by
-            ``(rollout_seed, k, e)``, and the loss noise of step ``s`` from ``(rollout_seed, k, e, s)``.
+        normalizer: raw rewards -> advantages and ``r`` (default ``RewardNormalizer()``).
+        optimizer: ``params -> Optimizer`` (default AdamW, lr 1e-4).
+        lr_scheduler: optional ``optimizer -> LRScheduler``, stepped every optimiser step.
+        lora: LoRA adapters, a ``LoraSettings`` or its dict (reference = adapters off, old = 2nd adapter).
+        rollout_seed: seed of the rollout and loss noise (per rank, round and step; see below).
         predict_samples, predict_seed, predict_batch_size, predict_policy: what ``predict`` samples.
-        default_callbacks: add ``OnlineRollout`` and ``EMAOldPolicy`` when the trainer lacks them (and
-            ``CheckpointOnRewardFailure`` when the reward scores remotely).
-        step_metrics: ``True`` logs ``train/loss`` and the objective's diagnostics at every gradient
-            step; ``False`` (default) logs their round means once per round, under the same names
-            (a ``self.log`` costs a fixed ~0.1-0.5 ms on CPU; ``benchmarks/nft_overhead.py``).
-        score_chunks: sample each round in this many chunks of whole groups and score chunk ``k`` while
-            chunk ``k + 1`` is sampled, hiding a slow (remote) scorer behind sampling; 1 (default): sample
-            then score. Worth it where sampling a chunk costs about its share of the whole batch (GPU);
-            on small CPU models the per-call overhead of chunks eats the gain (``benchmarks/reward_overlap.py``).
+        default_callbacks: add the missing default callbacks (see below).
+        step_metrics: log at every gradient step instead of once per round (see below).
+        score_chunks: score chunk ``k`` while chunk ``k + 1`` is sampled (see below); 1: no overlap.
         decoder: latents -> pixels in ``[-1, 1]`` before rewards, grids, metrics, evaluation, predict.
         guidance_scale, guidance: classifier-free guidance scale ``w`` and where it applies: ``"rollouts"``,
             ``"evaluation"``, ``"both"`` or ``"neither"`` (see :class:`~lightning_nft.policy.OnlineFineTuningMixin`).
         eval_images_per_prompt, eval_seed, eval_prompts_per_batch: ``validate``/``test`` on prompt splits
             (:class:`~lightning_nft.evaluation.PromptEvaluationMixin`).
+
+    Details of the settings above:
+
+    * ``rollout_seed``: rollout noise of rank ``k`` in round ``e`` comes from a generator seeded by
+      ``(rollout_seed, k, e)``, and the loss noise of step ``s`` from ``(rollout_seed, k, e, s)``.
+    * ``lr_scheduler``: e.g. ``torch.optim.lr_scheduler.LinearLR`` for a linear decay over the fit.
+    * ``default_callbacks``: add ``OnlineRollout`` and ``EMAOldPolicy`` when the trainer lacks them (and
+      ``CheckpointOnRewardFailure`` when the reward scores remotely).
+    * ``step_metrics``: ``True`` logs ``train/loss`` and the objective's diagnostics at every gradient
+      step; ``False`` (default) logs their round means once per round, under the same names (a
+      ``self.log`` costs a fixed ~0.1-0.5 ms on CPU; ``benchmarks/nft_overhead.py``).
+    * ``score_chunks``: sample each round in this many chunks of whole groups and score chunk ``k``
+      while chunk ``k + 1`` is sampled, hiding a slow (remote) scorer behind sampling. Worth it where
+      sampling a chunk costs about its share of the whole batch (GPU); on small CPU models the per-call
+      overhead of chunks eats the gain (``benchmarks/reward_overlap.py``).
     """
 
     def __init__(
