@@ -28,8 +28,13 @@ def test_shipped_assets_record_their_sample_shape_and_a_mismatch_is_refused():
         check_declared_sample_shapes([1, 16, 16], backbone=flow, reward=reward)
     with pytest.raises(ValueError, match="the reward DigitClassifierReward"):
         check_declared_sample_shapes([1, 16, 16], reward=reward)
-    # the convolutional flow itself runs on 16x16: only the recorded shape catches the mismatch
-    assert check_forward_and_reward(flow, reward, [1, 16, 16]).shape == (2,)
+    # the convolutional flow itself runs on 16x16 (only the recorded shape catches that); the reward fails,
+    # and the start-up call names it
+    x = torch.randn(2, 1, 16, 16)
+    assert flow(x, torch.full((2,), 0.5)).shape == x.shape
+    assert check_forward_and_reward(flow, reward, [1, 8, 8]).shape == (2,)
+    with pytest.raises(RuntimeError, match=r"the reward DigitClassifierReward failed on samples of shape \(2, 1, 16, 16\)"):
+        check_forward_and_reward(flow, reward, [1, 16, 16], reward_name="DigitClassifierReward")
 
 
 def test_saved_sample_shape_round_trips(tmp_path):
