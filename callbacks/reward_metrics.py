@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -36,7 +36,8 @@ class RewardMetrics(Callback):
     """Log ``reward/{mean,std,qNN}`` and ``r/{...}`` over every rollout of a round (all ranks).
 
     The reward mean is also shown in the progress bar. Works with any module that keeps its
-    round's :class:`~lightning_nft.rollouts.RolloutBatch` in ``pl_module.rollouts``.
+    round's :class:`~lightning_nft.rollouts.RolloutBatch` in ``pl_module.rollouts``. :attr:`history`
+    (one dict of the logged values per round) is checkpointed and continues on resume.
     """
 
     def __init__(self, quantiles: Sequence[float] = (0.1, 0.5, 0.9), prog_bar: bool = True) -> None:
@@ -45,6 +46,12 @@ class RewardMetrics(Callback):
         self.prog_bar = prog_bar
         self._seen_version = -1
         self.history: list[dict[str, float]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [dict(row) for row in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(row) for row in state_dict.get("history", [])]
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.reward_stats.to(pl_module.device)
