@@ -151,11 +151,12 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path):
     pa, pb = _policies(root_a / "checkpoints" / final), _policies(root_b / "checkpoints" / final)
     assert pa.keys() == pb.keys() and any(k.startswith("old_backbone.") for k in pa)
     worst = max((pa[k].float() - pb[k].float()).abs().max().item() for k in pa)
-    print(f"max |resumed - uninterrupted| over all policy weights: {worst:.3g}")
-    assert worst == 0.0
-
     rewards_a, rewards_b = _scalars(root_a, "reward/mean"), _scalars(root_b, "reward/mean")
-    assert len(rewards_a) == ROUNDS and rewards_a == rewards_b
     quality_a, quality_b = _scalars(root_a, "quality/reward"), _scalars(root_b, "quality/reward")
+    same_picture = (root_a / "before_after.png").read_bytes() == (root_b / "before_after.png").read_bytes()
+    print(f"max |resumed - uninterrupted| over all policy weights: {worst:.3g}; "
+          f"reward/mean per round {rewards_a} vs {rewards_b}; before_after.png identical: {same_picture}")
+    assert worst == 0.0
+    assert len(rewards_a) == ROUNDS and rewards_a == rewards_b
     assert len(quality_a) == ROUNDS and quality_a == quality_b
-    assert (root_a / "before_after.png").read_bytes() == (root_b / "before_after.png").read_bytes()
+    assert same_picture
