@@ -34,7 +34,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning_nft.analytic import GaussianMixture, component_weights, effective_tilt, total_variation
 from lightning_nft.backbones import MLPVelocity, ResidualVelocity
 from lightning_nft.callbacks import EMAOldPolicy, OnlineRollout
-from lightning_nft.module import RewardFineTuningModule
+from lightning_nft.module import RewardFineTuningModule, adamw
 from lightning_nft.objectives import AdjointMatchingObjective, NFTObjective
 from lightning_nft.rewards import LinearReward
 from lightning_nft.samplers import EulerSolver, time_grid
@@ -83,11 +83,11 @@ def run(method: str, max_rounds: int, seed: int = 0) -> StopAtTarget:
     common = dict(sample_shape=[2], rollout_seed=seed)
     if method == "am":
         module = RewardFineTuningModule(backbone, LinearReward(DIRECTION), AdjointMatchingObjective(reward_multiplier=LAM),
-                                        groups_per_round=1, group_size=N_PER_ROUND, n_sample_steps=40, lr=1e-2, **common)
+                                        groups_per_round=1, group_size=N_PER_ROUND, n_sample_steps=40, optimizer=adamw(1e-2), **common)
         stop, extra = StopAtTarget(mixture, every=10), []
     else:
         module = RewardFineTuningModule(backbone, LinearReward(DIRECTION), NFTObjective(beta=1.0), groups_per_round=4,
-                                        group_size=N_PER_ROUND // 4, steps_per_round=8, n_sample_steps=20, lr=3e-3, **common)
+                                        group_size=N_PER_ROUND // 4, steps_per_round=8, n_sample_steps=20, optimizer=adamw(3e-3), **common)
         stop, extra = StopAtTarget(mixture, every=1, taylor_beta=1.0), [EMAOldPolicy(decay=0.0)]
     timed = _TimedRollout(stop)
     trainer = pl.Trainer(max_epochs=max_rounds, gradient_clip_val=1.0, accelerator="cpu", logger=False,

@@ -1,13 +1,13 @@
-"""The digits main job with and without the KL anchor (seed 001), as a table for the README.
+"""The digits main job with and without the KL anchor (the KL-regularised tilting view (Zhu, "A KL-Regularized Reward-Tilting View of DiffusionNFT")), as a table for the README.
 
-Runs ``configs/digits_nft.yaml`` through the CLI once per anchor strength ``eta0`` (0 = unanchored;
+Runs ``configs/digits_nft.yaml`` through the CLI once per anchor strength ``kl_weight`` (0 = unanchored;
 the KLAnchor callback is removed), each in its own run directory, and prints, at the end of
 training: wall time, the fixed-noise evaluation of ``SampleQuality`` (mean probability of the target
 digit, diversity = mean pairwise classifier-feature distance, FID against the real target digits)
 and the diversity ratio to the real digits of the target class.
 
-    python benchmarks/digits_anchor.py                   # eta0 in 0, 0.03 (the main job), 0.1
-    python benchmarks/digits_anchor.py --eta0 0 0.03 --rounds 300
+    python benchmarks/digits_anchor.py                   # kl_weight in 0, 0.03 (the main job), 0.1
+    python benchmarks/digits_anchor.py --kl_weight 0 0.03 --rounds 300
 """
 
 from __future__ import annotations
@@ -23,21 +23,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "digits_nft.yaml")
 
 
-def run(eta0: float, rounds: int, workdir: str) -> dict:
+def run(kl_weight: float, rounds: int, workdir: str) -> dict:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from lightning_nft.cli import main
 
     cfg = OmegaConf.load(CONFIG)
     callbacks = [c for c in cfg.trainer.callbacks if not c.class_path.endswith("KLAnchor")]
-    if eta0 > 0:
+    if kl_weight > 0:
         callbacks.insert(1, OmegaConf.create({"class_path": "lightning_nft.callbacks.KLAnchor",
-                                              "init_args": {"weight": eta0}}))
+                                              "init_args": {"weight": kl_weight}}))
     cfg.trainer.callbacks = callbacks
     cfg.trainer.max_epochs = rounds
-    cfg.trainer.default_root_dir = os.path.join(workdir, f"eta0_{eta0}")
+    cfg.trainer.default_root_dir = os.path.join(workdir, f"eta0_{kl_weight}")
     cfg.trainer.enable_progress_bar = False
-    path = os.path.join(workdir, f"digits_nft_eta0_{eta0}.yaml")
+    path = os.path.join(workdir, f"digits_nft_eta0_{kl_weight}.yaml")
     OmegaConf.save(OmegaConf.to_container(cfg, resolve=True), path)
     start = time.perf_counter()
     main(["fit", "--config", path])
@@ -48,22 +48,22 @@ def run(eta0: float, rounds: int, workdir: str) -> dict:
     acc.Reload()
     last = {tag: acc.Scalars(f"quality/{tag}")[-1].value for tag in ("reward", "diversity", "fid",
                                                                      "reference_diversity")}
-    last.update(eta0=eta0, wall=wall)
+    last.update(kl_weight=kl_weight, wall=wall)
     return last
 
 
 def main_cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--eta0", type=float, nargs="+", default=[0.0, 0.03, 0.1])
+    parser.add_argument("--kl_weight", type=float, nargs="+", default=[0.0, 0.03, 0.1])
     parser.add_argument("--rounds", type=int, default=150)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
-        rows = [run(e, args.rounds, work) for e in args.eta0]
+        rows = [run(e, args.rounds, work) for e in args.kl_weight]
     print(f"\ndigits NFT, target digit 3, {args.rounds} rounds x 256 images (256 fixed-noise samples evaluated)")
-    print("| eta0 (KL anchor) | wall time | reward | diversity | diversity / real | FID |")
+    print("| kl_weight (KL anchor) | wall time | reward | diversity | diversity / real | FID |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['eta0']:g} | {r['wall']:.0f} s | {r['reward']:.3f} | {r['diversity']:.1f} | "
+        print(f"| {r['kl_weight']:g} | {r['wall']:.0f} s | {r['reward']:.3f} | {r['diversity']:.1f} | "
               f"{r['diversity'] / r['reference_diversity']:.2f} | {r['fid']:.1f} |")
 
 

@@ -1,6 +1,6 @@
 """Lightning's overhead on one online DiffusionNFT round, against a hand-written PyTorch loop.
 
-One round (``../shared/DESIGN.md``): sample ``N = P K`` rollouts from the old policy (Euler on the
+One round: sample ``N = P K`` rollouts from the old policy (Euler on the
 rollout grid), score them, normalise the rewards, take ``steps_per_round`` AdamW steps of the NFT
 loss on minibatches of ``N / steps_per_round`` rollouts, then ``old <- d old + (1 - d) current``.
 
@@ -59,10 +59,10 @@ from lightning_nft.advantages import RewardNormalizer
 from lightning_nft.analytic import GaussianMixture
 from lightning_nft.backbones import MLPVelocity, ResidualVelocity
 from lightning_nft.callbacks import EMAOldPolicy
-from lightning_nft.callbacks.online_rollout import round_generator
-from lightning_nft.module import RewardFineTuningModule
+from lightning_nft.module import RewardFineTuningModule, adamw
 from lightning_nft.objectives.nft import NFTObjective, nft_loss
 from lightning_nft.paths import interpolate
+from lightning_nft.policy import round_generator
 from lightning_nft.rewards import LinearReward
 from lightning_nft.samplers import EulerSolver, time_grid
 
@@ -121,7 +121,7 @@ def build_module(backbone: nn.Module, args: argparse.Namespace,
                  cls: type = RewardFineTuningModule) -> RewardFineTuningModule:
     return cls(
         backbone, LinearReward([1.0, 0.0]), NFTObjective(beta=args.beta), sample_shape=[2],
-        groups_per_round=args.groups, group_size=args.group_size, steps_per_round=args.steps, lr=args.lr,
+        groups_per_round=args.groups, group_size=args.group_size, steps_per_round=args.steps, optimizer=adamw(args.lr),
         n_sample_steps=args.sample_steps, rollout_seed=args.seed, step_metrics=args.step_metrics,
     )
 

@@ -6,7 +6,7 @@ shipped classifier calls its samples a "3"; the reward is the classifier's proba
 and changed only where a benchmark must (seed, round cap, no logger / checkpoints / pictures):
 
 * ``nft``: ``configs/digits_nft.yaml`` as shipped, the main job (Euler ODE rollouts, NFT loss with
-  ``beta = 1``, old policy an EMA whose decay ramps to 0.9, KL anchor ``eta0 = 0.03``, AdamW ``5e-4``): chosen
+  ``beta = 1``, old policy an EMA whose decay ramps to 0.9, KL anchor ``kl_weight = 0.03``, AdamW ``5e-4``): chosen
   for a stable 150-round run, not for speed;
 * ``nft-d0``: the same with the old policy a hard copy every round (``EMAOldPolicy`` decay 0, online NFT with
   the KL anchor). This is the one change to NFT that the same small tuning effort as GRPO's found (seed 0:
@@ -209,11 +209,10 @@ def run_one(name: str, config: dict, seed: int, max_rounds: int, threshold: floa
     with tempfile.TemporaryDirectory() as tmp:
         cfg = benchmark_config(config, seed, max_rounds, tmp)
         trainer, module = build(cfg, Path(tmp))
-        hp = module.hparams
         target = module.reward.target
         quality = SampleQuality(DigitFeatures(), DigitsReference(label=target), n_samples=256, seed=EVAL_SEED,
                                 plot_filename=None)
-        tracker = Tracker(quality, hp.groups_per_round * hp.group_size, threshold, stop)
+        tracker = Tracker(quality, module.groups_per_round * module.group_size, threshold, stop)
         trainer.callbacks.append(tracker)
         start = time.perf_counter()
         trainer.fit(module)

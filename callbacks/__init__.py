@@ -1,7 +1,9 @@
 """Plug-in callbacks for the online fine-tuning loop (installed as ``lightning_nft.callbacks``).
 
-Each works with any module that implements the policy interface (``lightning_nft.policy``) and
-the few methods of :class:`lightning_nft.module.RewardFineTuningModule` it names.
+Each works with any ``LightningModule`` that has the members of the online fine-tuning contract
+(:class:`lightning_nft.policy.OnlineFineTuning`) it lists in ``contract_members``; it checks them in
+``setup`` and raises one error naming every missing member. :class:`lightning_nft.policy.OnlineFineTuningMixin`
+implements the whole contract for a user's module (``tutorials/02_callbacks_in_your_trainer.py``).
 """
 
 from lightning_nft.callbacks.ema_old_policy import EMAOldPolicy

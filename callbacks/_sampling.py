@@ -8,17 +8,20 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+SAMPLING_MEMBERS = ("sample_shape", "sample_conditions", "sample")
+
 
 @torch.no_grad()
 def fixed_noise_samples(pl_module: pl.LightningModule, n: int, seed: int, policy: str = "current") -> tuple[Tensor, Any]:
     """Sample ``n`` outputs of ``policy`` from noise seeded by ``seed`` (the same noise every call).
 
-    Conditions come from ``pl_module.sample_conditions`` with the same seed, one per sample.
+    Conditions come from ``pl_module.sample_conditions`` with the same seed, one per sample
+    (:data:`SAMPLING_MEMBERS` of the :class:`~lightning_nft.policy.OnlineFineTuning` contract).
     Returns ``(samples (n, *S), cond)``.
     """
     g = torch.Generator(device="cpu").manual_seed(int(seed))
     x0 = torch.randn((n, *pl_module.sample_shape), generator=g).to(pl_module.device)
-    cond = pl_module.sample_conditions(n, g) if hasattr(pl_module, "sample_conditions") else None
+    cond = pl_module.sample_conditions(n, g)
     was_training = pl_module.training
     pl_module.eval()
     try:

@@ -9,8 +9,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
+from typing_extensions import override
 
-from lightning_nft.callbacks._sampling import fixed_noise_samples, run_directory
+from lightning_nft.callbacks._sampling import SAMPLING_MEMBERS, fixed_noise_samples, run_directory
+from lightning_nft.policy import check_contract
 
 
 def image_grid(images: Tensor, nrow: int = 8, scale: int = 4, padding: int = 1) -> Tensor:
@@ -36,6 +38,8 @@ class ImageGrid(Callback):
     instead of drawing the resumed model as "before".
     """
 
+    contract_members = SAMPLING_MEMBERS
+
     def __init__(self, n_images: int = 64, nrow: int = 8, seed: int = 4321, every_n_rounds: int = 1,
                  scale: int = 4, filename: str = "before_after.png", output_dir: Optional[str] = None) -> None:
         self.n_images, self.nrow, self.seed = n_images, nrow, seed
@@ -49,16 +53,23 @@ class ImageGrid(Callback):
         samples, _ = fixed_noise_samples(pl_module, self.n_images, self.seed)
         return image_grid(samples, self.nrow, self.scale)
 
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_contract(pl_module, self)
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         restored, self._restored = self._restored, False
         if trainer.is_global_zero and not (restored and self.before is not None):
             self.before = self._grid(pl_module)
             self._log(trainer, self.before, "samples/before")
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and (trainer.current_epoch + 1) % self.every_n_rounds == 0:
             self._log(trainer, self._grid(pl_module), "samples/round")
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return

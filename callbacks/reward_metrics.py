@@ -7,7 +7,10 @@ from typing import Any, Sequence
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 from torchmetrics import Metric
+
+from lightning_nft.policy import check_contract
 
 
 class SampleStatistics(Metric):
@@ -35,10 +38,12 @@ class SampleStatistics(Metric):
 class RewardMetrics(Callback):
     """Log ``reward/{mean,std,qNN}`` and ``r/{...}`` over every rollout of a round (all ranks).
 
-    The reward mean is also shown in the progress bar. Works with any module that keeps its
-    round's :class:`~lightning_nft.rollouts.RolloutBatch` in ``pl_module.rollouts``. :attr:`history`
+    The reward mean is also shown in the progress bar. Reads the module's ``rollouts`` (the round's
+    :class:`~lightning_nft.rollouts.RolloutBatch`) once per ``rollout_version``. :attr:`history`
     (one dict of the logged values per round) is checkpointed and continues on resume.
     """
+
+    contract_members = ("rollouts", "rollout_version")
 
     def __init__(self, quantiles: Sequence[float] = (0.1, 0.5, 0.9), prog_bar: bool = True) -> None:
         self.reward_stats = SampleStatistics(quantiles)
@@ -53,20 +58,24 @@ class RewardMetrics(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(row) for row in state_dict.get("history", [])]
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_contract(pl_module, self)
         self.reward_stats.to(pl_module.device)
         self.r_stats.to(pl_module.device)
 
     def _update(self, pl_module: pl.LightningModule) -> None:
-        version = getattr(pl_module, "rollout_version", 0)
+        version = pl_module.rollout_version
         if pl_module.rollouts is not None and version != self._seen_version:
             self._seen_version = version
             self.reward_stats.update(pl_module.rollouts.rewards)
             self.r_stats.update(pl_module.rollouts.r)
 
+    @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._update(pl_module)
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._update(pl_module)
         if not self.reward_stats.update_called:

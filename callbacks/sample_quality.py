@@ -9,10 +9,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
+from typing_extensions import override
 
-from lightning_nft.callbacks._sampling import fixed_noise_samples, run_directory
+from lightning_nft.callbacks._sampling import SAMPLING_MEMBERS, fixed_noise_samples, run_directory
 from lightning_nft.data.references import ReferenceSet
 from lightning_nft.metrics import DiversityMetric, FrechetDistanceMetric, mean_pairwise_distance
+from lightning_nft.policy import check_contract
 
 
 class SampleQuality(Callback):
@@ -34,6 +36,8 @@ class SampleQuality(Callback):
             ``(M, *S)`` (e.g. the real digits of the target class, ``DigitsReference(label=3)``).
     """
 
+    contract_members = (*SAMPLING_MEMBERS, "compute_rewards")
+
     def __init__(self, feature_extractor: nn.Module, reference: Optional[ReferenceSet] = None,
                  n_samples: int = 256, seed: int = 1234, every_n_rounds: int = 1,
                  plot_filename: Optional[str] = "reward_vs_diversity.png", output_dir: Optional[str] = None) -> None:
@@ -54,7 +58,9 @@ class SampleQuality(Callback):
         self.history = [dict(row) for row in state_dict.get("history", [])]
         self._restored = True
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_contract(pl_module, self)
         self.feature_extractor.to(pl_module.device)
         self.diversity.to(pl_module.device)
         self.fid.to(pl_module.device)
@@ -84,6 +90,7 @@ class SampleQuality(Callback):
         self.history.append(row)
         return row
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         restored, self._restored = self._restored, False
         if restored and self.history:
@@ -91,6 +98,7 @@ class SampleQuality(Callback):
         self.history = []
         self.evaluate(trainer, pl_module)
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         last = trainer.current_epoch + 1 == trainer.max_epochs
         if (trainer.current_epoch + 1) % self.every_n_rounds and not last:
@@ -100,6 +108,7 @@ class SampleQuality(Callback):
             if k != "round":
                 pl_module.log(f"quality/{k}", v, rank_zero_only=True)
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and self.plot_filename and self.history:
             out_dir = self.output_dir or run_directory(trainer)

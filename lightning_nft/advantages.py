@@ -1,7 +1,7 @@
 """Raw rewards -> advantages and DiffusionNFT optimality probabilities ``r in [0, 1]``.
 
-DiffusionNFT (seed 003) weighs each rollout by an optimality probability ``r``; the design
-(``../shared/DESIGN.md``, "Rewards") computes it from raw rewards by one named, tested map, never
+DiffusionNFT (arXiv:2509.16117) weighs each rollout by an optimality probability ``r``; the design
+ computes it from raw rewards by one named, tested map, never
 inside a loss. Three modes, for rewards ``R (N,)`` with group ids ``g (N,)`` (a group = the ``K``
 samples of one prompt/condition):
 
@@ -23,12 +23,12 @@ samples of one prompt/condition):
 ``"binary"``
     ``A_i = sign(R_i - mean_{g(i)} R) in {-1, 0, 1}``, ``r_i = (A_i + 1) / 2 in {0, 1/2, 1}``:
     ``r = 1`` above the group mean, ``0`` below. **Ties** (a reward equal to its group mean, e.g.
-    a constant group or a singleton) get ``A = 0``, ``r = 1/2``: by Lemma 1.2 of seed 000 a sample
+    a constant group or a singleton) get ``A = 0``, ``r = 1/2``: by Lemma 1.2 of the Taylor-approximation note (Liu, "DiffusionNFT as Taylor Approximation") a sample
     with ``r = 1/2`` pulls the trained field toward the old one, i.e. it expresses no preference.
     Equality is tested with a tolerance ``16 eps_float64 max_{group} |R|`` because a float mean of
     equal numbers need not be exactly equal to them.
 
-What ``c`` and ``beta`` do together (seed 000, Theorem 1.1). While ``|A| <= c`` the map is affine,
+What ``c`` and ``beta`` do together (Taylor-approximation note, Theorem 1.1). While ``|A| <= c`` the map is affine,
 ``r = (R - mean) / (2 c sigma) + 1/2``, and since constants drop out of a conditional covariance,
 the NFT optimum is ``v* = v_old + (2 / beta) Cov(r, X1 - X0 | x)
 = v_old + 1 / (beta c sigma) Cov(R, X1 - X0 | x)``: one NFT round approximates the exponential
@@ -61,7 +61,7 @@ rewards) and device.
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -176,6 +176,13 @@ def normalize_rewards(
     adv = torch.where(centred != 0, centred / safe, torch.zeros_like(centred)).clamp(-clip, clip)
     r = (adv / (2.0 * clip) + 0.5).clamp(0.0, 1.0)
     return adv.to(out_dtype), r.to(out_dtype)
+
+
+@runtime_checkable
+class Normalizer(Protocol):
+    """``normalizer(rewards (N,), group (N,)) -> (advantages (N,), r (N,))`` (e.g. :class:`RewardNormalizer`)."""
+
+    def __call__(self, rewards: Tensor, group: Optional[Tensor] = None) -> tuple[Tensor, Tensor]: ...
 
 
 class RewardNormalizer:

@@ -1,7 +1,7 @@
 """Gaussian mixtures with exact rectified-flow quantities and exact exponential tilts.
 
-This is the ground truth that the rest of the library is tested against (``../shared/DESIGN.md``,
-"analytic"). Conventions are the library's (seed 000)::
+This is the ground truth that the rest of the library is tested against. Conventions are the library's
+(as in Q. Liu, "DiffusionNFT as Taylor Approximation", the Taylor-approximation note)::
 
     x_t = (1 - t) x0 + t x1,   x0 ~ N(0, I),   x1 ~ p = sum_k pi_k N(m_k, s_k^2 I)  (in R^d)
 
@@ -23,13 +23,13 @@ Exponential tilt by a linear reward ``r(x) = a . x`` stays a mixture with the sa
     pi_k N(x; m_k, s_k^2 I) exp(lam a . x)
         = pi_k exp(lam a . m_k + lam^2 s_k^2 |a|^2 / 2) N(x; m_k + lam s_k^2 a, s_k^2 I),
 
-and the DiffusionNFT optimum for that reward (seed 000, Theorem 1.1) is
+and the DiffusionNFT optimum for that reward (Taylor-approximation note, Theorem 1.1) is
 
     v*(x, t) = v(x, t) + (2 / beta) Cov(a . X1, X1 - X0 | X_t = x)
              = v(x, t) + (2 / beta) Cov(X1 | X_t = x) a / (1 - t),
 
 because ``X1 - X0 = (X1 - x) / (1 - t)`` given ``X_t = x``. It equals the first-order Taylor step
-``v + (2 / beta) d/d alpha v^alpha |_{alpha=0}`` of the tilted fields (seed 000, Theorem 1.3).
+``v + (2 / beta) d/d alpha v^alpha |_{alpha=0}`` of the tilted fields (Taylor-approximation note, Theorem 1.3).
 
 Shapes: ``x`` is ``(B, d)``; ``t`` is a float, a 0-d tensor or a ``(B,)`` tensor in ``[0, 1]``.
 Computations run in ``x``'s dtype and device (the buffers are cast), so float32 and float64 both
@@ -96,7 +96,7 @@ class GaussianMixture(nn.Module):
 
     Usable as a velocity-field backbone: ``forward(x, t, cond=None)`` returns the exact rectified-flow
     velocity ``E[X1 - X0 | X_t = x]`` of the independent coupling ``N(0, I) x p`` (``cond`` is ignored).
-    See the module docstring for the formulas (seed 000; ``../shared/DESIGN.md``).
+    See the module docstring for the formulas.
 
     Args:
         weights: ``(K,)`` mixture weights, finite and non-negative with a positive sum; normalised to
@@ -304,7 +304,7 @@ class GaussianMixture(nn.Module):
         return GaussianMixture(torch.softmax(log_w, dim=0), new_means, self.stds.clone())
 
     def nft_optimum(self, x: Tensor, t: TimeLike, a: Union[Sequence[float], Tensor], beta: float) -> Tensor:
-        """DiffusionNFT optimum for the linear reward ``r(x) = a . x`` (seed 000, Theorem 1.1), ``(B, d)``:
+        """DiffusionNFT optimum for the linear reward ``r(x) = a . x`` (Taylor-approximation note, Theorem 1.1), ``(B, d)``:
 
         ``v*(x, t) = v(x, t) + (2 / beta) Cov(a . X1, X1 - X0 | X_t = x)
                    = v(x, t) + (2 / beta) Cov(X1 | X_t = x) a / (1 - t)``.

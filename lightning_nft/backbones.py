@@ -33,7 +33,7 @@ class SinusoidalTimeEmbedding(nn.Module):
 class MLPVelocity(nn.Module):
     """MLP velocity field for flat data ``(B, dim)`` with a sinusoidal time embedding.
 
-    ``n_classes > 0`` adds a learned class embedding for integer conditions ``cond (B,)``.
+    ``num_classes > 0`` adds a learned class embedding for integer conditions ``cond (B,)``.
     ``zero_init`` sets the last layer to zero so the field starts at exactly ``v = 0`` (used for
     residuals around a base model).
     """
@@ -44,7 +44,7 @@ class MLPVelocity(nn.Module):
         hidden: int = 128,
         depth: int = 3,
         time_embed_dim: int = 32,
-        n_classes: int = 0,
+        num_classes: int = 0,
         zero_init: bool = False,
     ) -> None:
         super().__init__()
@@ -52,7 +52,7 @@ class MLPVelocity(nn.Module):
             raise ValueError("dim, hidden and depth must be positive")
         self.dim = dim
         self.time_embed = SinusoidalTimeEmbedding(time_embed_dim)
-        self.class_embed = nn.Embedding(n_classes, time_embed_dim) if n_classes > 0 else None
+        self.class_embed = nn.Embedding(num_classes, time_embed_dim) if num_classes > 0 else None
         layers: list[nn.Module] = []
         width = dim + time_embed_dim
         for _ in range(depth):

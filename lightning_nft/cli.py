@@ -1,10 +1,16 @@
 """The ``lightning-nft`` command (also ``python -m lightning_nft``): a ``LightningCLI``.
 
-Subcommands ``fit``, ``validate``, ``test``, ``predict``; any ``LightningModule`` and
-``LightningDataModule`` is chosen in YAML by ``class_path``/``init_args``. The omegaconf parser
-mode is on, so configs may use ``${...}`` interpolation, e.g.::
+Subcommands ``fit``, ``validate``, ``test``, ``predict``. The model is
+:class:`~lightning_nft.module.RewardFineTuningModule` unless a config names another ``LightningModule``
+by ``class_path`` (subclass mode; e.g. the pretraining module); ``--model.help RewardFineTuningModule``
+lists its arguments. Optimiser and schedule are the module's ``optimizer``/``lr_scheduler`` arguments, or
+LightningCLI's ``--optimizer``/``--lr_scheduler`` (which replace the module's). Several ``--config``
+files are merged in order (a base plus small overrides). The omegaconf parser mode is on, so configs may
+use ``${...}`` interpolation, e.g.::
 
     lightning-nft fit --config configs/gmm_pretrain.yaml
+    lightning-nft fit --config configs/gmm_nft.yaml --config configs/gmm_nft_kl.yaml
+    lightning-nft fit --config configs/gmm_nft.yaml --optimizer SGD --optimizer.lr 0.01
     lightning-nft predict --config configs/gmm_pretrain.yaml --ckpt_path runs/gmm_pretrain/checkpoints/last.ckpt
 
 One option is ours: ``torch_threads`` (``--torch_threads N`` or a top-level YAML key) sets
@@ -22,17 +28,23 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_nft.run_folder import predict_output_path, prepare_run_folder
 
+from lightning_nft.module import RewardFineTuningModule
+
+DEFAULT_MODEL = f"{RewardFineTuningModule.__module__}.{RewardFineTuningModule.__qualname__}"
+
 
 class NFTLightningCLI(LightningCLI):
-    """``LightningCLI`` plus the ``torch_threads`` option."""
+    """``LightningCLI`` with :class:`RewardFineTuningModule` as the default model, plus ``torch_threads``."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}})
         parser.add_argument("--torch_threads", type=Optional[int], default=None,
                             help="torch.set_num_threads before building anything (default: torch's choice)")
         parser.add_argument("--overwrite", type=bool, default=False,
@@ -69,12 +81,12 @@ def main(args: Optional[Sequence[str]] = None) -> None:
     # to be read relative to the subcommand (fit.trainer...)
     jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     NFTLightningCLI(
-        model_class=None,
+        model_class=pl.LightningModule,
         datamodule_class=None,
+        subclass_mode_model=True,
         parser_kwargs={"parser_mode": "omegaconf+"},
         save_config_kwargs={"overwrite": True},
         args=list(args) if args is not None else None,
-        auto_configure_optimizers=False,
     )
 
 

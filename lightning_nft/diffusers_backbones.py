@@ -1,6 +1,6 @@
 """Adapters that present diffusers models as velocity fields in our convention.
 
-Past these adapters nothing knows diffusers' direction (``../shared/DESIGN.md``):
+Past these adapters nothing knows diffusers' direction:
 
 * :class:`FlowTransformerVelocity` wraps a rectified-flow transformer (SD3 ``SD3Transformer2DModel``,
   Flux-style models with the same call). diffusers samples ``x_sigma = (1 - sigma) data + sigma

@@ -1,7 +1,7 @@
 """LoRA through peft: the trainable adapter, the old-policy adapter, and the adapter-free reference.
 
 With LoRA the reference policy is free (the base weights with adapters disabled) and the old
-policy is a second adapter of the same shape (``../shared/DESIGN.md``). peft's public
+policy is a second adapter of the same shape. peft's public
 ``set_adapter`` also flips ``requires_grad``; to evaluate another adapter inside a training step
 without touching what is trainable we switch each tuner layer's active adapter for the duration of
 one forward pass only.

@@ -1,6 +1,6 @@
 """Conventions and conversions for rectified flow, in one place.
 
-Time runs from noise to data (``../shared/DESIGN.md``; seeds 000 and 004)::
+Time runs from noise to data (Adjoint Matching, arXiv:2409.08861; DiffusionNFT, arXiv:2509.16117)::
 
     x_t = (1 - t) x0 + t x1,    x0 ~ N(0, I),  x1 ~ data,  t in [0, 1]
 

@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from lightning_nft.data.noise import NoiseDataset
 from lightning_nft.objectives.flow_matching import flow_matching_inputs, flow_matching_loss
@@ -66,16 +67,19 @@ class FlowMatchingModule(pl.LightningModule):
         self.time_sampler = time_sampler or TimeSampler()
         self.solver = solver
 
+    @override
     def forward(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         return self.backbone(x, t, cond)
 
     velocity = forward
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = self._loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    @override
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = self._loss(batch)
         self.log("val/loss", loss, prog_bar=True)
@@ -95,13 +99,16 @@ class FlowMatchingModule(pl.LightningModule):
         kwargs.setdefault("n_steps", self.hparams.n_sample_steps)
         return sample_velocity(self.backbone, x0, cond, **kwargs)
 
+    @override
     def predict_dataloader(self) -> DataLoader:
         ds = NoiseDataset(self.hparams.predict_samples, self.sample_shape, self.hparams.predict_seed)
         return DataLoader(ds, batch_size=self.hparams.predict_batch_size)
 
+    @override
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         return {"samples": self.sample(batch["x0"], batch.get("cond")).samples}
 
+    @override
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.backbone.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         if self.hparams.lr_warmup_steps > 0:

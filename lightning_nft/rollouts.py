@@ -1,6 +1,6 @@
 """The rollout buffer of one online round.
 
-One round (``../shared/DESIGN.md``, "Architecture") samples ``K`` outputs for each of ``P``
+One round samples ``K`` outputs for each of ``P``
 conditions from the sampling policy, scores them, normalises the rewards within each group and
 keeps everything for the round's gradient steps. Shapes use ``N = P * K`` on this rank.
 """

@@ -6,7 +6,7 @@ Convention (``paths``): ``x_t = (1 - t) x0 + t x1``, noise ``x0 ~ N(0, I)`` at `
 **ODE.** ``dX = v(X, t) dt`` from ``X_0 = x0``: :class:`EulerSolver` (first order) and
 :class:`HeunSolver` (second-order predictor-corrector).
 
-**SDE** (seed 004, "Flow Matching Generative SDE"). With the score
+**SDE** (Adjoint Matching, arXiv:2409.08861, "Flow Matching Generative SDE"). With the score
 ``s = grad log p_t = (t v - x) / (1 - t)`` (:func:`lightning_nft.paths.score_from_velocity`),
 
 .. math::
@@ -18,7 +18,7 @@ Convention (``paths``): ``x_t = (1 - t) x0 + t x1``, noise ``x0 ~ N(0, I)`` at `
 has the marginals ``p_t`` of the ODE for *any* noise schedule ``sigma``. The schedules shipped
 here form the power-law family ``sigma(t)^2 = k (1 - t) / t`` (``c = k / (2 t)``):
 ``k = 2`` is the memoryless schedule ``sigma = sqrt(2 eta_t)``, ``eta_t = (1 - t) / t`` of
-Adjoint Matching (seed 004: ``X_0`` and ``X_1`` independent, drift ``2 v - x / t``), and
+Adjoint Matching (Adjoint Matching paper: ``X_0`` and ``X_1`` independent, drift ``2 v - x / t``), and
 ``k = a^2`` is Flow-GRPO's ``sigma = a sqrt((1 - t) / t)``.
 
 ``c`` is infinite at ``t = 0`` (Euler-Maruyama would have ``c dt = 1`` on the first step of the
@@ -44,7 +44,7 @@ Equivalently the mean is the Euler step minus a shrinkage of the noise predictio
 
 finite at ``t = 0`` (``F = 0``, ``Var = 1 - k t' / (k + 1)``) and positive up to ``t' = 1``.
 ``sigma = 0`` gives ``F = 1``, ``G = h``, ``Var = 0``: exactly the Euler ODE step.
-Note that *every* power law with ``k > 0`` satisfies seed 004's memorylessness condition
+Note that *every* power law with ``k > 0`` satisfies Adjoint Matching paper's memorylessness condition
 (``sigma^2 = 2 eta + chi`` with ``chi = (k - 2)(1 - t)/t``: ``alpha_t' exp(-int chi / (2 beta^2))
 ~ t'^{k/2} -> 0``), and the exact step from ``t = 0`` has ``F = 0`` for every ``k``; only ``k = 2``
 gives Adjoint Matching's drift ``2 v - x / t``. (Flow-GRPO's reference code clips ``sigma`` near
@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -109,15 +109,15 @@ def time_grid(
     n_steps: int,
     t_start: float = 0.0,
     t_end: float = 1.0,
-    shift: float = 1.0,
+    time_shift: float = 1.0,
     device: Optional[Union[str, torch.device]] = None,
     dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """Increasing times ``(n_steps + 1,)`` from ``t_start`` to ``t_end`` (both included).
 
-    ``shift = 1`` gives a uniform grid. Otherwise the grid is uniform in the *unshifted* time
+    ``time_shift = 1`` gives a uniform grid. Otherwise the grid is uniform in the *unshifted* time
     and mapped through diffusers' shift on ``sigma = 1 - t``,
-    ``sigma' = shift sigma / (1 + (shift - 1) sigma)`` (SD3 uses ``shift = 3``; ``shift > 1``
+    ``sigma' = time_shift sigma / (1 + (time_shift - 1) sigma)`` (SD3 uses ``time_shift = 3``; ``time_shift > 1``
     spends more steps near the noise, ``t = 0``). The endpoints are fixed points of the map when
     ``t_start = 0`` and ``t_end = 1`` (then the grid is exactly diffusers' shifted linspace);
     for other endpoints the uniform grid runs between their pre-images, so the returned grid
@@ -125,19 +125,19 @@ def time_grid(
     """
     if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
         raise ValueError(f"n_steps must be an integer >= 1, got {n_steps!r}")
-    t_start, t_end, shift = float(t_start), float(t_end), float(shift)
+    t_start, t_end, time_shift = float(t_start), float(t_end), float(time_shift)
     if not 0.0 <= t_start < t_end <= 1.0:
         raise ValueError(f"need 0 <= t_start < t_end <= 1, got t_start={t_start}, t_end={t_end}")
-    if not (shift > 0.0 and math.isfinite(shift)):
-        raise ValueError(f"shift must be a positive finite number, got {shift}")
+    if not (time_shift > 0.0 and math.isfinite(time_shift)):
+        raise ValueError(f"time_shift must be a positive finite number, got {time_shift}")
     dtype = dtype if dtype is not None else torch.get_default_dtype()
-    if shift == 1.0:
+    if time_shift == 1.0:
         grid = torch.linspace(t_start, t_end, n_steps + 1, dtype=torch.float64)
     else:
         ends = torch.tensor([1.0 - t_start, 1.0 - t_end], dtype=torch.float64)
-        lo, hi = _unshift_sigma(ends, shift).tolist()
+        lo, hi = _unshift_sigma(ends, time_shift).tolist()
         sigma = torch.linspace(lo, hi, n_steps + 1, dtype=torch.float64)
-        grid = 1.0 - _shift_sigma(sigma, shift)
+        grid = 1.0 - _shift_sigma(sigma, time_shift)
         grid[0], grid[-1] = t_start, t_end
     return grid.to(device=device, dtype=dtype)
 
@@ -181,7 +181,7 @@ def _batch_times(t: TimeLike, x: Tensor) -> Tensor:
 
 
 class NoiseSchedule:
-    r"""Diffusion coefficient ``sigma(t)`` of the generative SDE (seed 004).
+    r"""Diffusion coefficient ``sigma(t)`` of the generative SDE (Adjoint Matching paper).
 
     Subclasses define :meth:`sigma`; a closed-form :meth:`step_coefficients` is optional. The
     default one freezes ``c = sigma^2 / (2 (1 - t))`` and ``sigma`` at the step midpoint
@@ -234,7 +234,7 @@ class PowerLawNoise(NoiseSchedule):
 
     ``c = k / (2 t)``, ``Phi(s) = (s / t')^{k/2}``, ``F = (t / t')^{k/2}`` and
     ``Var = k t'^{-k} [s^k / k - s^{k+1} / (k + 1)]_t^{t'} = 1 - F^2 - k (t' - t F^2) / (k + 1)``
-    (evaluated with ``expm1`` for accuracy at small steps). ``k = 2``: memoryless (seed 004);
+    (evaluated with ``expm1`` for accuracy at small steps). ``k = 2``: memoryless (Adjoint Matching paper);
     ``k = a^2``: Flow-GRPO.
     """
 
@@ -263,7 +263,7 @@ class PowerLawNoise(NoiseSchedule):
 
 
 class MemorylessNoise(PowerLawNoise):
-    """Adjoint Matching's memoryless schedule ``sigma(t)^2 = 2 eta_t = 2 (1 - t) / t`` (seed 004).
+    """Adjoint Matching's memoryless schedule ``sigma(t)^2 = 2 eta_t = 2 (1 - t) / t`` (Adjoint Matching paper).
 
     The drift becomes ``2 v - x / t`` and ``X_1`` is independent of ``X_0``.
     """
@@ -475,7 +475,7 @@ def _standard_normal(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
 
 
 class SDESolver(Solver):
-    r"""Generative SDE ``dX = [(1 + c t) v - c X] dt + sigma dB`` (module docstring; seed 004).
+    r"""Generative SDE ``dX = [(1 + c t) v - c X] dt + sigma dB`` (module docstring; Adjoint Matching paper).
 
     Each step is Gaussian, ``N(F x + (t' - F t) v(x, t), Var I)``, with ``(F, Var)`` from
     ``noise.step_coefficients`` (closed form for the power-law schedules). ``noise``: a
@@ -551,3 +551,127 @@ def build_solver(name: str = "euler", **kwargs: Any) -> Solver:
     if key == "sde":
         return SDESolver(**kwargs)
     raise ValueError(f"unknown solver {name!r}; choose 'euler', 'heun' or 'sde'")
+
+
+# ----------------------------------------------------------------------------------------------
+# TempFlow-style branching rollouts
+# ----------------------------------------------------------------------------------------------
+
+
+class BranchingSDESolver(SDESolver):
+    r"""One-step branching rollouts (TempFlow-GRPO; "Reward Score Matching", App. C.2.3, Eq. 113), a simple version.
+
+    The ``B`` rows are split into consecutive blocks of ``branch_width`` rows (``W``). Every row of a block
+    starts from the block's *first* noise ``x0`` (the other rows' noises are ignored) and follows the
+    deterministic Euler ODE ``x' = x + h v(x, t)``, except at one *branching step* ``j_b`` drawn per block,
+    where each row takes an independent SDE transition ``N(mu_j, s_j^2 I)`` of this solver's noise
+    schedule; after it the rows continue deterministically. So the ``W`` rows of a block share one parent
+    latent ``x_{j_b}``, differ by one Gaussian step, and are denoised by the ODE: their rewards are ``W``
+    point estimates of the lookahead value at ``x_{j_b + 1}``, and group-centring them (the module's
+    normaliser, with ``group_size == W``) is the branching-width-``W`` zeroth-order estimator of the value
+    gradient at step ``j_b`` (Reward Score Matching, Def. 3.5, Eq. 15). Only that step carries a log-probability:
+    ``log_probs[j, i]`` is ``NaN`` for every deterministic step, and :class:`GRPOObjective` trains exactly
+    the finite ones (one step per sample). Because every other step is deterministic, the value being
+    estimated is that of the ODE continuation, ``r(ODE(x_{j_b + 1}))``: stochasticity localization, which
+    changes the control problem rather than only the variance (Reward Score Matching, sec. 3.2). ``trajectory[0]`` holds
+    the shared noises; the rollout buffer's ``x0`` field keeps the callback's per-row noises (unused by GRPO).
+
+    Budget allocation across time (Reward Score Matching, sec. 5.2, "reallocate branching budget"): ``branch_steps``
+    (step indices; default all ``T`` steps) and ``branch_probs`` (default uniform) give the distribution
+    from which each block draws its branching step, i.e. the expected share of the groups (and of the
+    sampled images) spent on each step.
+
+    What this is *not*: TempFlow-GRPO revisits *every* step of one ODE trajectory (``T`` branch points per
+    prompt) and BranchGRPO branches recursively; here each group branches once, at a random step, so a
+    round spreads its groups over the steps. The rows must be ordered block by block (the module's
+    rollouts are: ``repeat_interleave`` of the group conditions).
+
+    Args:
+        noise, a: the SDE noise schedule of the branching step (as :class:`SDESolver`; default
+            Flow-GRPO's with ``a = 0.7``).
+        branch_width: ``W >= 2`` rows per block.
+        branch_steps: allowed branching steps (indices into the ``T`` steps; negative counts from the end).
+        branch_probs: probabilities of ``branch_steps`` (normalised).
+    """
+
+    def __init__(self, noise: NoiseLike = "flow_grpo", a: float = 0.7, branch_width: int = 4,
+                 branch_steps: Optional[Sequence[int]] = None, branch_probs: Optional[Sequence[float]] = None) -> None:
+        super().__init__(noise, a=a)
+        if isinstance(branch_width, bool) or not isinstance(branch_width, int) or branch_width < 2:
+            raise ValueError(f"branch_width must be an integer >= 2; got {branch_width!r}")
+        if isinstance(self.noise, ZeroNoise):
+            raise ValueError("the branching step needs a non-zero noise schedule")
+        self.branch_width = branch_width
+        self.branch_steps = None if branch_steps is None else [int(j) for j in branch_steps]
+        if self.branch_steps is not None and not self.branch_steps:
+            raise ValueError("branch_steps must not be empty")
+        if branch_probs is not None:
+            p = torch.as_tensor([float(v) for v in branch_probs], dtype=torch.float64)
+            n = len(self.branch_steps) if self.branch_steps is not None else None
+            if n is None or p.numel() != n:
+                raise ValueError("branch_probs needs branch_steps of the same length")
+            if not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or not bool(p.sum() > 0):
+                raise ValueError(f"branch_probs must be finite, non-negative and not all zero; got {p.tolist()}")
+            self.branch_probs: Optional[Tensor] = p / p.sum()
+        else:
+            self.branch_probs = None
+
+    def candidate_steps(self, n_steps: int) -> tuple[Tensor, Tensor]:
+        """Allowed branching steps ``(C,)`` (in ``[0, n_steps)``) and their probabilities ``(C,)``."""
+        if self.branch_steps is None:
+            steps = torch.arange(n_steps)
+        else:
+            steps = torch.as_tensor([j + n_steps if j < 0 else j for j in self.branch_steps])
+            if bool(((steps < 0) | (steps >= n_steps)).any()):
+                raise ValueError(f"branch_steps {self.branch_steps} out of range for {n_steps} sampler steps")
+        if self.branch_probs is not None:
+            probs = self.branch_probs
+        else:
+            probs = torch.full((steps.numel(),), 1.0 / steps.numel(), dtype=torch.float64)
+        return steps, probs
+
+    def sample(self, velocity: VelocityFn, x0: Tensor, times: Tensor, cond: Any = None, *,
+               generator: Optional[torch.Generator] = None, return_trajectory: bool = False,
+               return_log_probs: bool = False) -> SampleOutput:
+        """Branching rollouts from ``x0 (B, *S)`` (``B`` a multiple of ``branch_width``) over ``times (T+1,)``.
+
+        Returns :class:`~lightning_nft.samplers.SampleOutput`; ``log_probs (T, B)`` is ``NaN`` except at each
+        row's branching step. The branching steps are drawn first, then one noise tensor per grid step
+        (drawn for all rows, used by the branching rows), all from ``generator``.
+        """
+        if not isinstance(times, Tensor):
+            times = torch.as_tensor(times, dtype=x0.dtype, device=x0.device)
+        ts = _check_times(times)
+        n, w = x0.shape[0], self.branch_width
+        if n % w:
+            raise ValueError(f"BranchingSDESolver needs a batch that is a multiple of branch_width={w}; got {n}")
+        n_steps = len(ts) - 1
+        cand, probs = self.candidate_steps(n_steps)
+        pick = torch.multinomial(probs, n // w, replacement=True, generator=generator)
+        branch_step = cand[pick].repeat_interleave(w).to(x0.device)  # (B,)
+        x = x0[::w].repeat_interleave(w, dim=0)
+        traj = [x] if return_trajectory else None
+        logps: list[Tensor] = []
+        with torch.no_grad():
+            for j, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+                v = velocity(x, _batch_times(t, x), cond)
+                mean, std = self.moments(x, v, t, t_next)
+                noise = torch.randn(x.shape, generator=generator, dtype=x.dtype,
+                                    device="cpu" if generator is not None else x.device).to(x.device)
+                x_sde = mean + expand_like(std, x) * noise
+                x_ode = x + (t_next - t) * v
+                here = branch_step == j
+                x_next = torch.where(here.reshape(-1, *([1] * (x.dim() - 1))), x_sde, x_ode)
+                if return_log_probs:
+                    lp = gaussian_log_prob(x_next, mean, std)
+                    logps.append(torch.where(here, lp, torch.full_like(lp, float("nan"))))
+                x = x_next
+                if traj is not None:
+                    traj.append(x)
+        return SampleOutput(samples=x, times=times, trajectory=torch.stack(traj) if traj is not None else None,
+                            log_probs=torch.stack(logps) if return_log_probs else None)
+
+    def __repr__(self) -> str:
+        probs = None if self.branch_probs is None else self.branch_probs.tolist()
+        return (f"BranchingSDESolver(noise={self.noise!r}, branch_width={self.branch_width}, "
+                f"branch_steps={self.branch_steps}, branch_probs={probs})")

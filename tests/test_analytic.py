@@ -108,7 +108,7 @@ def test_posterior_mean_and_cov_match_importance_sampling(gm: GaussianMixture, p
 
 @pytest.mark.parametrize("t", MC_TIMES)
 def test_nft_optimum_matches_importance_sampled_covariance(gm: GaussianMixture, pool: torch.Tensor, t: float) -> None:
-    """v* = v0 + (2/beta) Cov(a.X1, X1 - X0 | X_t = x) (seed 000, Thm 1.1), Cov estimated by IS."""
+    """v* = v0 + (2/beta) Cov(a.X1, X1 - X0 | X_t = x) (the Taylor-approximation note (Liu, "DiffusionNFT as Taylor Approximation"), Thm 1.1), Cov estimated by IS."""
     a = torch.tensor([1.0, -0.5], dtype=DT)
     beta = 0.5
     xs = _query_points(gm, t, 4, seed=12)

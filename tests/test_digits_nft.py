@@ -67,8 +67,14 @@ def test_digits_nft_with_a_black_box_jpeg_reward_runs(in_tmp):
 
 
 def test_digits_nft_kl_config_runs(in_tmp):
-    main(["fit", "--config", str(ROOT / "configs" / "digits_nft_kl.yaml"), "--trainer.max_epochs", "2",
+    main(["fit", "--config", str(ROOT / "configs" / "digits_nft.yaml"), "--config",
+          str(ROOT / "configs" / "digits_nft_kl.yaml"), "--trainer.max_epochs", "2",
           "--trainer.enable_progress_bar", "false"])
     run = in_tmp / "runs" / "digits_nft_kl"
     drift, _ = _scalars(run, "kl_anchor/drift")
     assert len(drift) == 2 and all(d >= 0 for d in drift)
+    # the override's callbacks replaced the base's: one anchor, with the override's weight
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    anchors = [v for k, v in ckpt["callbacks"].items() if k.startswith("KLAnchor")]
+    assert anchors == [{"weight": 0.06}]
+    assert sum(k.startswith("EMAOldPolicy") for k in ckpt["callbacks"]) == 1

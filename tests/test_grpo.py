@@ -1,5 +1,5 @@
 """Flow-GRPO (``lightning_nft.objectives.grpo``): the pure functions, on-policy ratios, batch invariance of the
-recomputed log-probs, reward centring on the Gaussian-mixture toy (seed 002, sec. 5.1), and training."""
+recomputed log-probs, reward centring on the Gaussian-mixture toy ("Reward Score Matching", sec. 5.1), and training."""
 
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning_nft.analytic import GaussianMixture
 from lightning_nft.backbones import MLPVelocity, ResidualVelocity
 from lightning_nft.callbacks import EMAOldPolicy, RewardMetrics
-from lightning_nft.module import RewardFineTuningModule
+from lightning_nft.module import RewardFineTuningModule, adamw
 from lightning_nft.objectives.grpo import (
-    BranchingSDESolver,
     GRPOObjective,
     gather_transitions,
     gaussian_mean_kl,
@@ -29,7 +28,14 @@ from lightning_nft.objectives.grpo import (
 )
 from lightning_nft.rewards import LinearReward
 from lightning_nft.rollouts import RolloutBatch
-from lightning_nft.samplers import EulerSolver, FlowGRPONoise, SDESolver, gaussian_log_prob, time_grid
+from lightning_nft.samplers import (
+    BranchingSDESolver,
+    EulerSolver,
+    FlowGRPONoise,
+    SDESolver,
+    gaussian_log_prob,
+    time_grid,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS, MEANS, STD = [0.5, 0.3, 0.2], [[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], 0.4
@@ -42,14 +48,14 @@ def _mixture() -> GaussianMixture:
 def _module(objective: GRPOObjective, *, zero_init: bool = True, seed: int = 0, **kw) -> RewardFineTuningModule:
     torch.manual_seed(seed)
     backbone = ResidualVelocity(_mixture(), MLPVelocity(2, 64, 2, zero_init=zero_init))
-    settings = dict(sample_shape=[2], groups_per_round=4, group_size=32, steps_per_round=4, lr=3e-3, n_sample_steps=10)
+    settings = dict(sample_shape=[2], groups_per_round=4, group_size=32, steps_per_round=4, optimizer=adamw(3e-3), n_sample_steps=10)
     settings.update(kw)
     return RewardFineTuningModule(backbone, LinearReward([1.0, 0.0]), objective, **settings)
 
 
 def _rollouts(module: RewardFineTuningModule, n_groups: int = 4, seed: int = 0) -> RolloutBatch:
     """One round of rollouts built exactly as ``OnlineRollout.collect`` builds them (single rank)."""
-    k = module.hparams.group_size
+    k = module.group_size
     g = torch.Generator().manual_seed(seed)
     x0 = torch.randn(n_groups * k, 2, generator=g)
     out = module.rollout(x0, None, g)
@@ -213,8 +219,8 @@ def test_recomputed_log_probs_do_not_depend_on_batch_size_or_order():
     # the loss itself is invariant to the order of the samples (all steps trained)
     objective = module.objective
     perm = torch.randperm(n, generator=g)
-    loss_a, _ = objective.loss(module, batch)
-    loss_b, _ = objective.loss(module, batch.index(perm))
+    loss_a, _ = objective.loss(module.policies(), batch, torch.Generator().manual_seed(0))
+    loss_b, _ = objective.loss(module.policies(), batch.index(perm), torch.Generator().manual_seed(0))
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
 
 
@@ -222,7 +228,7 @@ def test_loss_gradient_is_reinforce_at_the_sampling_policy():
     """At rho = 1 the loss gradient is -mean_rows A grad log pi; checked against autograd of that expression."""
     module = _module(GRPOObjective(clip_range=0.2), zero_init=False)
     batch = _rollouts(module, n_groups=1)
-    loss, _ = module.objective.loss(module, batch)
+    loss, _ = module.objective.loss(module.policies(), batch, torch.Generator().manual_seed(0))
     params = [p for p in module.backbone.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params)
     T = batch.log_probs.shape[0]
@@ -378,22 +384,28 @@ def test_branching_objective_trains_only_the_branching_step():
     steps = select_train_steps(module.objective.eligible_steps(batch), "all")
     assert steps.shape == (48, 1)
     assert set(steps.reshape(-1).tolist()) <= {0, 3, 6}
-    loss, logs = module.objective.loss(module, batch)
+    loss, logs = module.objective.loss(module.policies(), batch, torch.Generator().manual_seed(0))
     assert torch.isfinite(loss) and float(logs["ratio_max_dev"]) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------- set-up checks
 
 
+def _check_setup(module: RewardFineTuningModule) -> None:
+    """The objective's fit-start checks, on what the module hands it."""
+    module.objective.setup(reward=module.reward, solver=module.rollout_solver(), group_size=module.group_size,
+                           kl_weight=module.kl_weight)
+
+
 def test_setup_refuses_ode_solvers_and_branching_mismatches():
     with pytest.raises(ValueError, match="SDESolver"):
-        GRPOObjective().setup(_module(GRPOObjective(), solver=EulerSolver()))
+        _check_setup(_module(GRPOObjective(), solver=EulerSolver()))
     with pytest.raises(ValueError, match="group_size"):
         obj = GRPOObjective(branch_width=8)
-        obj.setup(_module(obj, group_size=16))
+        _check_setup(_module(obj, group_size=16))
     with pytest.raises(ValueError, match="BranchingSDESolver"):
         obj = GRPOObjective(branch_width=8)
-        obj.setup(_module(obj, group_size=8, solver=SDESolver(FlowGRPONoise(0.7))))
+        _check_setup(_module(obj, group_size=8, solver=SDESolver(FlowGRPONoise(0.7))))
     with pytest.raises(ValueError):
         GRPOObjective(train_timesteps=1.5)
     with pytest.raises(ValueError):

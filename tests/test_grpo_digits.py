@@ -18,7 +18,7 @@ import yaml
 from lightning_nft.callbacks import EMAOldPolicy, RewardMetrics
 from lightning_nft.cli import main
 from lightning_nft.models import load_pretrained_digits_flow
-from lightning_nft.module import RewardFineTuningModule
+from lightning_nft.module import RewardFineTuningModule, adamw
 from lightning_nft.objectives.grpo import GRPOObjective
 from lightning_nft.rewards import DigitClassifierReward
 from lightning_nft.samplers import EulerSolver, FlowGRPONoise, SDESolver, time_grid
@@ -54,7 +54,7 @@ def test_grpo_raises_the_reward_on_digits():
     objective = GRPOObjective(**_objective_args())
     module = RewardFineTuningModule(load_pretrained_digits_flow(), reward, objective, sample_shape=[1, 8, 8],
                                     groups_per_round=4, group_size=32, steps_per_round=8, n_sample_steps=10,
-                                    lr=1e-3, rollout_seed=0)
+                                    optimizer=adamw(1e-3), rollout_seed=0)
     assert isinstance(module.rollout_solver(), SDESolver)
     assert isinstance(module.rollout_solver().noise, FlowGRPONoise)
     before = _fixed_noise_reward(module.reference_velocity, reward)

@@ -20,14 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 2
 
 
-def _fit_and_predict(config: str, run_dir: str) -> tuple[dict, dict]:
-    cfg = str(ROOT / "configs" / config)
+def _fit_and_predict(config: str, run_dir: str, base: str | None = None) -> tuple[dict, dict]:
+    """``base``: the config that ``config`` overrides (both passed, in order, as ``--config``)."""
+    cfg = [arg for name in ((base, config) if base else (config,)) for arg in ("--config", str(ROOT / "configs" / name))]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        main(["fit", "--config", cfg, "--trainer.max_epochs", str(ROUNDS), "--trainer.enable_progress_bar", "false"])
+        main(["fit", *cfg, "--trainer.max_epochs", str(ROUNDS), "--trainer.enable_progress_bar", "false"])
         ckpt = Path("runs") / run_dir / "checkpoints" / "last.ckpt"
         assert ckpt.exists()
-        main(["predict", "--config", cfg, "--ckpt_path", str(ckpt), "--trainer.enable_progress_bar", "false"])
+        main(["predict", *cfg, "--ckpt_path", str(ckpt), "--trainer.enable_progress_bar", "false"])
     assert any((Path("runs") / run_dir / "tb").rglob("events.out.tfevents*"))
     out = torch.load(Path("runs") / run_dir / "samples.pt")
     assert out["samples"].shape == (2000, 2) and out["rewards"].shape == (2000,)
@@ -53,7 +54,7 @@ def test_gmm_nft_config(tmp_path, monkeypatch):
 
 def test_gmm_nft_kl_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    ckpt, _ = _fit_and_predict("gmm_nft_kl.yaml", "gmm_nft_kl")
+    ckpt, _ = _fit_and_predict("gmm_nft_kl.yaml", "gmm_nft_kl", base="gmm_nft.yaml")
     assert _callback_state(ckpt, "KLAnchor") == {"weight": 0.5}
     state = ckpt["state_dict"]
     # the reference is the initial model (zero-initialised residual head); the trained head has moved
@@ -67,7 +68,7 @@ def test_gmm_nft_kl_config(tmp_path, monkeypatch):
 
 def test_gmm_nft_multistep_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    ckpt, _ = _fit_and_predict("gmm_nft_multistep.yaml", "gmm_nft_multistep")
+    ckpt, _ = _fit_and_predict("gmm_nft_multistep.yaml", "gmm_nft_multistep", base="gmm_nft.yaml")
     assert ckpt["lightning_nft"]["rollout_version"] == ROUNDS * 4  # 4 sub-rounds, each with fresh rollouts
     assert ckpt["global_step"] == ROUNDS * 16
     assert ckpt["hyper_parameters"]["steps_per_round"] == 16

@@ -1,6 +1,6 @@
 """Online DiffusionNFT under ``strategy="ddp_spawn"`` with two CPU processes (gloo).
 
-The design (``../shared/DESIGN.md``): each DDP rank collects its own rollouts (its own noise, its own
+The design: each DDP rank collects its own rollouts (its own noise, its own
 group ids), statistics that need the whole group (reward normalisation, reward metrics) are computed
 over all ranks, and gradient averaging keeps the trained policy, and hence the EMA old policy, identical
 on every rank. Each rank writes what it saw to ``tmp_path``; the assertions run in the main process.
@@ -21,7 +21,7 @@ from lightning_nft.advantages import normalize_rewards
 from lightning_nft.analytic import GaussianMixture
 from lightning_nft.backbones import MLPVelocity, ResidualVelocity
 from lightning_nft.callbacks import EMAOldPolicy, RewardMetrics
-from lightning_nft.module import RewardFineTuningModule
+from lightning_nft.module import RewardFineTuningModule, adamw
 from lightning_nft.objectives.nft import NFTObjective
 from lightning_nft.rewards import LinearReward
 
@@ -78,7 +78,7 @@ def test_ddp_spawn_two_cpu_ranks(tmp_path):
     mixture = GaussianMixture([0.5, 0.3, 0.2], [[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], 0.4)
     module = RewardFineTuningModule(
         ResidualVelocity(mixture, MLPVelocity(2, 32, 2, zero_init=True)), LinearReward([1.0, 0.0]), NFTObjective(beta=1.0),
-        sample_shape=[2], groups_per_round=P, group_size=K, steps_per_round=STEPS, lr=3e-3, n_sample_steps=10,
+        sample_shape=[2], groups_per_round=P, group_size=K, steps_per_round=STEPS, optimizer=adamw(3e-3), n_sample_steps=10,
     )
     initial = _flat(module.backbone.parameters())
     metrics = RewardMetrics()

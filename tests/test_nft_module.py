@@ -5,9 +5,9 @@ The base policy is the exact mixture field (``lightning_nft.analytic``) plus a t
 every statement below is about the online loop, not about pre-training:
 
 * online NFT with the EMA old policy raises the reward;
-* seed 001: without the KL anchor the achieved tilt keeps growing round after round; with the anchor
-  it levels off (and the level scales like ``1 / eta0``);
-* seed 000, multi-step NFT: hard refreshes and fresh rollouts at the sub-round boundaries, and on a
+* the KL-regularised tilting view (Zhu, "A KL-Regularized Reward-Tilting View of DiffusionNFT"): without the KL anchor the achieved tilt keeps growing round after round; with the anchor
+  it levels off (and the level scales like ``1 / kl_weight``);
+* the Taylor-approximation note (Liu, "DiffusionNFT as Taylor Approximation"), multi-step NFT: hard refreshes and fresh rollouts at the sub-round boundaries, and on a
   large tilt the multi-step field is closer to the exact tilted field than one step (learned or exact);
 * the LoRA path (peft) and the full fine-tuning path keep the right policies frozen;
 * checkpoints restore the old policy, the reference and the counters;
@@ -36,7 +36,7 @@ from lightning_nft.backbones import MLPVelocity, ResidualVelocity
 from lightning_nft.callbacks import EMAOldPolicy, KLAnchor, OnlineRollout, RewardMetrics, SampleWriter
 from lightning_nft.data.noise import NoiseDataset
 from lightning_nft.lora import OLD_ADAPTER, TRAIN_ADAPTER, adapter_parameter_pairs
-from lightning_nft.module import LoraSettings, RewardFineTuningModule
+from lightning_nft.module import LoraSettings, RewardFineTuningModule, adamw
 from lightning_nft.objectives.nft import NFTObjective
 from lightning_nft.rewards import LinearReward
 
@@ -55,7 +55,7 @@ def backbone(hidden: int = 64, depth: int = 2, zero_init: bool = True) -> Residu
 
 def make_module(bb: torch.nn.Module | None = None, objective: NFTObjective | None = None,
                 **kw: Any) -> RewardFineTuningModule:
-    settings: dict[str, Any] = dict(sample_shape=[2], groups_per_round=4, group_size=64, steps_per_round=8, lr=3e-3,
+    settings: dict[str, Any] = dict(sample_shape=[2], groups_per_round=4, group_size=64, steps_per_round=8, optimizer=adamw(3e-3),
                                     n_sample_steps=20)
     settings.update(kw)
     return RewardFineTuningModule(bb if bb is not None else backbone(), LinearReward(A),
@@ -110,7 +110,7 @@ def test_online_nft_raises_the_reward_with_the_ema_old_policy():
     assert 0.0 <= metrics.history[-1]["r/q10"] <= metrics.history[-1]["r/q90"] <= 1.0
 
 
-# ---------------------------------------------------------------------------------------------- seed 001
+# ---------------------------------------------------------------------------------------------- KL-tilting view
 
 
 class TiltProbe(Callback):
@@ -133,27 +133,27 @@ class TiltProbe(Callback):
         self.tilts.append(self._measure(pl_module))
 
 
-def _online_tilts(eta0: float | None, rounds: int) -> list[float]:
-    """Online NFT with a hard refresh of the old policy every round (seed 001's loop), optionally anchored."""
+def _online_tilts(kl_weight: float | None, rounds: int) -> list[float]:
+    """Online NFT with a hard refresh of the old policy every round (KL-tilting view's loop), optionally anchored."""
     pl.seed_everything(0, verbose=False)
     probe = TiltProbe()
     callbacks: list[Callback] = [probe, EMAOldPolicy(decay=0.0)]
-    if eta0 is not None:
-        callbacks.append(KLAnchor(eta0))
+    if kl_weight is not None:
+        callbacks.append(KLAnchor(kl_weight))
     fit(make_trainer(rounds, callbacks), make_module())
     return probe.tilts
 
 
 def test_seed001_the_kl_anchor_levels_off_the_tilt():
     """Seed 001. Online NFT refreshes the old policy every round, so each round tilts the *current* model
-    again: the achieved tilt keeps growing. With KLAnchor(eta0) the iterates converge instead (to a tilt
-    ~ beta^2 lambda / eta0 in the pointwise picture: linear in 1 / eta0).
+    again: the achieved tilt keeps growing. With KLAnchor(kl_weight) the iterates converge instead (to a tilt
+    ~ beta^2 lambda / kl_weight in the pointwise picture: linear in 1 / kl_weight).
 
     Bounds (R = 4 rounds, 2R = 8), with the values measured over seeds 0-3 when they were set:
     * no anchor: tilt(2R) - tilt(R) > 0.2 and tilt(2R) > 1.5 tilt(R)  (measured growth 0.40-0.58, tilt(R) 0.34-0.37);
-    * eta0 = 0.5: |tilt(2R) - tilt(R)| < 0.05 and < 0.2 x the unanchored growth  (measured <= 0.02), while it
+    * kl_weight = 0.5: |tilt(2R) - tilt(R)| < 0.05 and < 0.2 x the unanchored growth  (measured <= 0.02), while it
       still tilts: tilt(2R) > 0.08 (measured 0.15-0.16), and it stays far below the unanchored tilt;
-    * eta0 = 1.0 levels off lower: tilt_{0.5}(2R) / tilt_{1.0}(2R) in [1.4, 2.8] (measured 1.9-2.1).
+    * kl_weight = 1.0 levels off lower: tilt_{0.5}(2R) / tilt_{1.0}(2R) in [1.4, 2.8] (measured 1.9-2.1).
     """
     R = 4
     free = _online_tilts(None, 2 * R)
@@ -220,12 +220,12 @@ def test_multistep_nft_refreshes_and_resamples_at_sub_round_boundaries():
     assert not rows[6]["old_is_current"]  # round 1 starts from the EMA
     firsts = [r["x1"] for r in rows if r["step"] % 2 == 0]
     assert all(not torch.allclose(a, b) for a, b in zip(firsts, firsts[1:]))
-    with pytest.raises(ValueError, match="substeps"):
+    with pytest.raises(ValueError, match="rollouts_per_round=4"):
         make_module(objective=NFTObjective(beta=1.0, substeps=4), steps_per_round=3)
 
 
 class CentredRewards:
-    """``r = R - mean_group(R) + 1/2``: no rescaling, so by seed 000 (Theorem 1.1, constants drop out) one
+    """``r = R - mean_group(R) + 1/2``: no rescaling, so by Taylor-approximation note (Theorem 1.1, constants drop out) one
     round with ``beta`` is a step of ``alpha = 2 / beta`` along the tilt ``p exp(alpha R)``."""
 
     def __call__(self, rewards: Tensor, group: Tensor) -> tuple[Tensor, Tensor]:
@@ -303,7 +303,7 @@ def test_lora_reference_old_adapter_and_ema():
     pl.seed_everything(0, verbose=False)
     bb = backbone(zero_init=False)
     original = copy.deepcopy(bb)
-    module = make_module(bb, lr=1e-2, lora=LoraSettings(target_modules=["body.0", "body.2", "head"], rank=4, alpha=8.0))
+    module = make_module(bb, optimizer=adamw(1e-2), lora=LoraSettings(target_modules=["body.0", "body.2", "head"], rank=4, alpha=8.0))
     assert module.uses_lora and module.old_backbone is None and module.reference_backbone is None
     x = torch.randn(500, 2, generator=torch.Generator().manual_seed(1))
     t = torch.rand(500, generator=torch.Generator().manual_seed(2))
@@ -397,7 +397,7 @@ class ResumeProbe(Callback):
         self.ema_updates = self.ema.updates
         self.rollout_version = pl_module.rollout_version
         self.policies = policies(pl_module)
-        self.kl_weight = pl_module.kl_anchor_weight
+        self.kl_weight = pl_module.kl_weight
 
 
 @pytest.mark.parametrize("path", ["full", "lora"])
@@ -411,7 +411,7 @@ def test_resume_restores_old_policy_reference_and_counters(tmp_path, path):
     callback."""
     lora = LoraSettings(target_modules=["body.0", "body.2", "head"], rank=4, alpha=8.0) if path == "lora" else None
     pl.seed_everything(0, verbose=False)
-    module = make_module(bb=backbone(zero_init=False), lora=lora, lr=1e-2)
+    module = make_module(bb=backbone(zero_init=False), lora=lora, optimizer=adamw(1e-2))
     ema = EMAOldPolicy(schedule="ramp", ramp_rate=0.2, max_decay=0.9)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     fit(make_trainer(3, [ema, KLAnchor(0.3), ckpt], enable_checkpointing=True), module)
@@ -424,7 +424,7 @@ def test_resume_restores_old_policy_reference_and_counters(tmp_path, path):
         assert (module.reference_velocity(x, t) - module.velocity(x, t)).abs().max() > 1e-3  # ... reference from current
 
     pl.seed_everything(1, verbose=False)
-    fresh = make_module(bb=backbone(zero_init=False), lora=lora, lr=1e-2)
+    fresh = make_module(bb=backbone(zero_init=False), lora=lora, optimizer=adamw(1e-2))
     assert any(not torch.equal(v, saved["backbone"][k]) for k, v in state(fresh.backbone).items())
     ema2 = EMAOldPolicy(schedule="ramp", ramp_rate=0.2, max_decay=0.9)
     probe = ResumeProbe(ema2)
@@ -462,8 +462,8 @@ def test_configure_callbacks_adds_defaults_and_the_users_instances_win():
     assert not torch.equal(flat(module.old_backbone.parameters()), flat(module.backbone.parameters()))
 
     pl.seed_everything(0, verbose=False)
-    module = make_module()
-    mine_rollout, mine_ema = OnlineRollout(groups_per_round=3, group_size=5), EMAOldPolicy(decay=0.0)
+    module = make_module(groups_per_round=3, group_size=5)
+    mine_rollout, mine_ema = OnlineRollout(), EMAOldPolicy(decay=0.0)
     trainer = make_trainer(2, [mine_rollout, mine_ema])
     fit(trainer, module)
     assert [c for c in trainer.callbacks if isinstance(c, OnlineRollout)] == [mine_rollout]

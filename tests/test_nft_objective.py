@@ -1,12 +1,12 @@
 """Tests for the DiffusionNFT objective (lightning_nft.objectives.nft) and reward normalisation
 (lightning_nft.advantages).
 
-* Lemma 1.2 (seed 000) exactly, in float64: the gradient of the per-sample loss vanishes at
+* Lemma 1.2 (the Taylor-approximation note (Liu, "DiffusionNFT as Taylor Approximation")) exactly, in float64: the gradient of the per-sample loss vanishes at
   ``nft_pointwise_optimum``; the loss is a quadratic with Hessian ``2 beta^2 I / D`` whose
   minimiser, obtained by solving ``H v = -g(0)``, is that point.
 * Velocity vs data space: exact relations through ``e = (1 - t)(v - y)``.
 * Normalisation modes on hand-made groups (expected numbers computed by hand below).
-* Theorem 1.1 (seed 000): an MLP residual trained with the velocity-space NFT loss, old policy =
+* Theorem 1.1 (Taylor-approximation note): an MLP residual trained with the velocity-space NFT loss, old policy =
   the exact mixture field, rollouts = mixture samples, ``r = a.x1``, reaches
   ``GaussianMixture.nft_optimum`` within 5% relative L2 error over ``t in [0.1, 0.9]``.
 """
@@ -30,9 +30,10 @@ from lightning_nft.objectives.nft import (
     nft_loss,
     nft_pointwise_optimum,
 )
+from lightning_nft.objectives.base import Policies
 from lightning_nft.paths import interpolate
 from lightning_nft.rollouts import RolloutBatch
-from lightning_nft.samplers import time_grid
+from lightning_nft.samplers import EulerSolver, time_grid
 from lightning_nft.timesteps import TimeSampler
 
 DT = torch.float64
@@ -278,7 +279,7 @@ def test_non_finite_rewards_name_the_sample(mode):
 class _TinyPolicy(nn.Module):
     """Current / old / reference MLP fields; records the inputs each role was called with."""
 
-    def __init__(self, kl_anchor_weight: float = 0.0):
+    def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.current = MLPVelocity(dim=3, hidden=16, depth=2)
@@ -287,7 +288,6 @@ class _TinyPolicy(nn.Module):
             for p in self.old.parameters():
                 p.add_(0.1 * torch.randn_like(p))
         self.ref = MLPVelocity(dim=3, hidden=16, depth=2).requires_grad_(False)
-        self.kl_anchor_weight = kl_anchor_weight
         self.calls: dict[str, list] = {"current": [], "old": [], "reference": []}
 
     def velocity(self, x, t, cond=None):
@@ -301,6 +301,13 @@ class _TinyPolicy(nn.Module):
     def reference_velocity(self, x, t, cond=None):
         self.calls["reference"].append((x.detach().clone(), t.detach().clone(), cond))
         return self.ref(x, t)
+
+    def policies(self) -> Policies:
+        return Policies(self.velocity, self.old_velocity, self.reference_velocity, solver=EulerSolver())
+
+
+def _gen(seed=11):
+    return torch.Generator().manual_seed(seed)
 
 
 def _batch(n=64, times=None):
@@ -316,7 +323,7 @@ def test_objective_loss_matches_pure_function(space):
     batch = _batch()
     obj = NFTObjective(beta=0.5, space=space, substeps=3, time_sampler=TimeSampler("uniform", 0.1, 0.9))
     assert obj.effective_beta == 1.5 and obj.sampling_policy == "old" and not obj.needs_grid_times
-    loss, logs = obj.loss(policy, batch)
+    loss, logs = obj.loss(policy.policies(), batch, _gen())
     (x_t, t, _), (x_t_old, t_old, _) = policy.calls["current"][0], policy.calls["old"][0]
     torch.testing.assert_close(x_t_old, x_t)
     torch.testing.assert_close(t_old, t)
@@ -334,9 +341,9 @@ def test_objective_loss_matches_pure_function(space):
 
 
 def test_objective_adds_weighted_kl_anchor():
-    policy = _TinyPolicy(kl_anchor_weight=0.3)
+    policy = _TinyPolicy()
     batch = _batch()
-    loss, logs = NFTObjective(beta=1.0).loss(policy, batch)
+    loss, logs = NFTObjective(beta=1.0).loss(policy.policies(), batch, _gen(), kl_weight=0.3)
     (x_t, t, _) = policy.calls["current"][0]
     (x_t_ref, t_ref, _) = policy.calls["reference"][0]
     torch.testing.assert_close(x_t_ref, x_t)
@@ -356,10 +363,27 @@ def test_objective_grid_times():
     t = restricted.sample_times(_batch(times=grid), 2000, torch.device("cpu"), torch.float32)
     assert set(t.tolist()) == {0.25, 0.5, 0.75}
     policy = _TinyPolicy()
-    obj.loss(policy, _batch(times=grid))
+    obj.loss(policy.policies(), _batch(times=grid), _gen())
     assert set(policy.calls["current"][0][1].tolist()) <= {0.0, 0.25, 0.5, 0.75}
     with pytest.raises(ValueError, match="times"):
-        obj.loss(policy, _batch(times=None))
+        obj.loss(policy.policies(), _batch(times=None), _gen())
+
+
+@pytest.mark.parametrize("time_source", ["density", "grid"])
+def test_objective_noise_comes_from_the_generator_only(time_source):
+    """The loss noise ``(x0, t)`` is a function of the generator: equal seeds give equal losses, different
+    seeds different ones, and the global torch generator is neither read nor advanced."""
+    obj = NFTObjective(beta=0.7, time_source=time_source)
+    batch = _batch(times=time_grid(8))
+    policy = _TinyPolicy()
+    losses = {}
+    for seed in (1, 1, 2):
+        torch.manual_seed(1234 + len(losses))  # a different global state before every call
+        state = torch.random.get_rng_state()
+        losses.setdefault(seed, []).append(obj.loss(policy.policies(), batch, _gen(seed))[0].detach())
+        assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(losses[1][0], losses[1][1])
+    assert not torch.equal(losses[1][0], losses[2][0])
 
 
 # ------------------------------------------------------------------------------------------------

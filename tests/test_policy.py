@@ -10,7 +10,7 @@ from lightning_nft.samplers import EulerSolver, SDESolver, time_grid
 
 
 def test_mlp_velocity_shapes_conditioning_and_zero_init():
-    net = MLPVelocity(dim=3, hidden=16, depth=2, n_classes=4)
+    net = MLPVelocity(dim=3, hidden=16, depth=2, num_classes=4)
     x, t = torch.randn(5, 3), torch.rand(5)
     assert net(x, t, torch.tensor([0, 1, 2, 3, 0])).shape == (5, 3)
     with pytest.raises(ValueError, match="cond"):

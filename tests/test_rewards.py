@@ -159,7 +159,7 @@ def test_multi_reward_of_differentiable_parts_is_differentiable(classifier, held
 class _NanAtTwo(Reward):
     """A reward that is NaN on sample 2 (as a broken remote reward might be)."""
 
-    def forward(self, samples, conditions=None):
+    def forward(self, samples, cond=None):
         r = samples.flatten(1).mean(1)
         r[2] = float("nan")
         return r

@@ -106,12 +106,12 @@ def test_time_grid_uniform_and_shift_formula():
     u = torch.linspace(0, 1, 11, dtype=F64)
     sigma = 1 - u
     expected = 1 - shift * sigma / (1 + (shift - 1) * sigma)
-    got = time_grid(10, shift=shift, dtype=F64)
+    got = time_grid(10, time_shift=shift, dtype=F64)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-15)
     assert got[5] < 0.5  # shift > 1 spends more steps near the noise (t = 0)
 
     # other endpoints are kept, grid increasing, spacing still follows the shift map
-    g2 = time_grid(6, t_start=0.2, t_end=0.9, shift=2.0, dtype=F64)
+    g2 = time_grid(6, t_start=0.2, t_end=0.9, time_shift=2.0, dtype=F64)
     assert g2[0] == 0.2 and g2[-1] == 0.9 and bool((g2.diff() > 0).all())
     s2 = 1 - g2
     unshifted = s2 / (2.0 - (2.0 - 1) * s2)  # inverse map: must be uniform
@@ -127,8 +127,8 @@ def test_time_grid_uniform_and_shift_formula():
         dict(n_steps=4, t_start=0.7, t_end=0.2),
         dict(n_steps=4, t_start=-0.1),
         dict(n_steps=4, t_end=1.1),
-        dict(n_steps=4, shift=0.0),
-        dict(n_steps=4, shift=-2.0),
+        dict(n_steps=4, time_shift=0.0),
+        dict(n_steps=4, time_shift=-2.0),
     ],
 )
 def test_time_grid_rejects_bad_input(kwargs):
@@ -156,7 +156,7 @@ def test_sample_rejects_bad_times_and_undefined_log_probs():
 def test_zero_noise_sde_equals_euler_exactly():
     gm = mixture()
     x0 = torch.randn(256, 2, generator=torch.Generator().manual_seed(0))
-    times = time_grid(17, shift=2.0)
+    times = time_grid(17, time_shift=2.0)
     ode = EulerSolver().sample(gm, x0, times, return_trajectory=True)
     sde = SDESolver(ZeroNoise()).sample(gm, x0, times, return_trajectory=True,
                                        generator=torch.Generator().manual_seed(5))
@@ -256,7 +256,7 @@ def test_log_probs_match_torch_normal(noise):
     standardised residuals of the stored steps are N(0, 1)."""
     field = SingleGaussianField(torch.tensor([1.0, -2.0, 0.5], dtype=F64), 0.6)
     x0 = torch.randn(400, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
-    times = time_grid(6, shift=1.5, dtype=F64)
+    times = time_grid(6, time_shift=1.5, dtype=F64)
     out = SDESolver(noise).sample(field, x0, times, generator=torch.Generator().manual_seed(1),
                                   return_trajectory=True, return_log_probs=True)
     assert out.trajectory.shape == (7, 400, 3) and out.log_probs.shape == (6, 400)

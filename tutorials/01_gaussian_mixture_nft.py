@@ -8,7 +8,7 @@ What happens:
 1. The "pretrained model" is the exact rectified-flow field of a 2-D mixture
    (``lightning_nft.analytic.GaussianMixture``), so every claim below has a closed form.
 2. We fine-tune ``base + zero-initialised MLP`` with DiffusionNFT toward the linear reward
-   ``r(x) = a . x``, with the EMA old policy and a KL anchor (seed 001) using the library's
+   ``r(x) = a . x``, with the EMA old policy and a KL anchor (the KL-regularised tilting view (Zhu, "A KL-Regularized Reward-Tilting View of DiffusionNFT")) using the library's
    ``RewardFineTuningModule`` and callbacks in a plain ``lightning.Trainer``.
 3. We measure the effective tilt: the slope of ``log(w'_k / w_k)`` against ``a . m_k``
    (``analytic.effective_tilt``). An exact exponential tilt ``p(x) exp(lam a.x)`` has slope
@@ -25,7 +25,7 @@ import torch
 from lightning_nft.analytic import GaussianMixture, component_weights, effective_tilt
 from lightning_nft.backbones import MLPVelocity, ResidualVelocity
 from lightning_nft.callbacks import EMAOldPolicy, KLAnchor, RewardMetrics
-from lightning_nft.module import RewardFineTuningModule
+from lightning_nft.module import RewardFineTuningModule, adamw
 from lightning_nft.objectives import NFTObjective
 from lightning_nft.rewards import LinearReward
 
@@ -41,7 +41,7 @@ def main() -> None:
         ResidualVelocity(base, MLPVelocity(2, 64, 3, zero_init=True)),
         reward=LinearReward(a),
         objective=NFTObjective(beta=1.0),
-        sample_shape=[2], groups_per_round=4, group_size=128, steps_per_round=16, lr=2e-3, n_sample_steps=20,
+        sample_shape=[2], groups_per_round=4, group_size=128, steps_per_round=16, optimizer=adamw(2e-3), n_sample_steps=20,
     )
     metrics = RewardMetrics()
     trainer = pl.Trainer(max_epochs=20, accelerator="cpu", logger=False, enable_checkpointing=False,

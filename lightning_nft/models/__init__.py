@@ -1,6 +1,6 @@
 """Small models shipped with lightning_nft: the digits classifier and the digits velocity field."""
 
-from lightning_nft.models.conv_velocity import ConvVelocity, load_pretrained_digits_flow
+from lightning_nft.models.conv_velocity import ConvVelocity, PretrainedDigitsFlow, load_pretrained_digits_flow
 from lightning_nft.models.digit_classifier import (
     DigitClassifier,
     DigitClassifierModule,
@@ -11,6 +11,7 @@ from lightning_nft.models.export import ExportSafetensors, read_safetensors, sav
 
 __all__ = [
     "ConvVelocity",
+    "PretrainedDigitsFlow",
     "load_pretrained_digits_flow",
     "DigitClassifier",
     "DigitClassifierModule",

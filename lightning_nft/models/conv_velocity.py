@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_nft.models.export import load_module_safetensors
+from lightning_nft.models.export import config_from_metadata, load_module_safetensors, read_safetensors
 
 FLOW_ASSET = "digits_flow.safetensors"
 
@@ -207,3 +207,20 @@ def load_pretrained_digits_flow(
     another file written by :func:`lightning_nft.models.export.save_module_safetensors`.
     """
     return load_module_safetensors(ConvVelocity, path=path, asset=FLOW_ASSET, device=device, freeze=freeze)
+
+
+class PretrainedDigitsFlow(ConvVelocity):
+    """The shipped digits base (:func:`load_pretrained_digits_flow`) as a class, in eval mode.
+
+    A class rather than a function so that a config can name it where a velocity network is expected
+    (``model.init_args.backbone.class_path: lightning_nft.models.PretrainedDigitsFlow``). The weights are
+    the package asset, or the file ``path`` written by :func:`~lightning_nft.models.export.save_module_safetensors`.
+    """
+
+    def __init__(self, path: Optional[str] = None, freeze: bool = False) -> None:
+        tensors, metadata = read_safetensors(path=path, asset=None if path else FLOW_ASSET)
+        super().__init__(**config_from_metadata(metadata))
+        self.load_state_dict(tensors)
+        self.eval()
+        if freeze:
+            self.requires_grad_(False)

@@ -29,6 +29,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_nft.models.export import load_module_safetensors, save_module_safetensors
 
@@ -108,9 +109,11 @@ class DigitClassifierModule(pl.LightningModule):
         self.noise_std = float(noise_std)
         self.export_path = export_path
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch
         if self.noise_std > 0:
@@ -122,12 +125,14 @@ class DigitClassifierModule(pl.LightningModule):
         self.log("train/acc", acc)
         return loss
 
+    @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch
         logits = self.net(x)
         self.log("val/loss", F.cross_entropy(logits, y), prog_bar=True)
         self.log("val/acc", (logits.argmax(-1) == y).float().mean(), prog_bar=True)
 
+    @override
     def configure_optimizers(self) -> Any:
         opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         total = self.trainer.estimated_stepping_batches
@@ -138,6 +143,7 @@ class DigitClassifierModule(pl.LightningModule):
         """Write ``self.net`` (weights + architecture config) to ``path``; load with :func:`load_pretrained_digit_classifier`."""
         return save_module_safetensors(self.net, path)
 
+    @override
     def on_fit_end(self) -> None:
         if self.export_path and self.trainer.is_global_zero:
             self.export_safetensors(self.export_path)

@@ -18,6 +18,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Type, TypeVar
 
 import lightning.pytorch as pl
 from torch import Tensor, nn
+from typing_extensions import override
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -94,6 +95,7 @@ class ExportSafetensors(pl.Callback):
         self.path = path
         self.attribute = attribute
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return

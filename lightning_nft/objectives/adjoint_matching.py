@@ -502,3 +502,99 @@ def adjoint_matching_loss_u(v_ft: Tensor, v_base: Tensor, adjoint: Tensor, t: Te
     e = expand_like(eta(t), v_ft)
     u = torch.sqrt(2 / e) * (v_ft - v_base.detach())
     return _reduce((u + torch.sqrt(2 * e) * adjoint.detach()) ** 2, "sum")
+
+
+# ----------------------------------------------------------------------------------------------
+# The objective
+# ----------------------------------------------------------------------------------------------
+
+# imports of the objective class (kept next to it, below the pure functions)
+from lightning.pytorch.utilities import rank_zero_warn  # noqa: E402
+
+from lightning_nft.conditions import index_condition  # noqa: E402
+from lightning_nft.objectives.base import Objective, Policies  # noqa: E402
+from lightning_nft.rollouts import RolloutBatch  # noqa: E402
+from lightning_nft.samplers import MemorylessNoise, PowerLawNoise, SDESolver, Solver  # noqa: E402
+
+
+class AdjointMatchingObjective(Objective):
+    """Adjoint Matching ("Adjoint Matching: Fine-tuning Flow and Diffusion Generative Models with Memoryless
+    Stochastic Optimal Control", arXiv:2409.08861) as a fine-tuning objective.
+
+    Rollouts are sampled by the *current* fine-tuned model with the memoryless SDE (only that schedule
+    makes the optimum sample ``p_base(x) exp(lambda r(x))``), full trajectories are kept, the reward must
+    be differentiable, the base drift is the frozen reference and no old policy is kept. Per minibatch of
+    trajectories ``X (T+1, B, *S)`` on the grid ``t_0 < ... < t_T``:
+
+    1. ``a(1) = -lambda grad r(X_1)`` (:func:`terminal_adjoint`);
+    2. the lean adjoint backwards along the grid, ``d a/dt = -(grad_x b)^T a`` with ``b = 2 v_base - x/t``
+       (:func:`lean_adjoint`);
+    3. on ``n_train_times`` random interior grid times, the velocity-space loss
+       ``(2/eta_t) || v_theta(X_t, t) - (v_base - eta_t a) ||^2`` (:func:`adjoint_matching_loss`),
+       averaged over samples and times.
+
+    Args:
+        reward_multiplier: ``lambda`` of the target ``p_base(x) exp(lambda r(x))``.
+        n_train_times: grid times trained per trajectory (``None``: every interior time).
+        t_min, t_max: trained times lie in ``[t_min, t_max]`` (and always in ``(0, 1)``).
+        scheme: where the base Jacobian is evaluated on each adjoint step (:func:`lean_adjoint`).
+        weighting: ``"soc"`` (``2 / eta_t``, the faithful loss) or ``"uniform"``.
+        max_weight: cap on the ``2 / eta_t`` weight near ``t = 1`` (``None``: no cap).
+        adjoint_max_norm: clip each adjoint's norm (``None``: off; clipping under-applies the tilt).
+    """
+
+    sampling_policy = "current"
+    needs_trajectory = True
+    needs_log_probs = False
+    needs_reward_gradient = True
+    needs_old_policy = False
+
+    def __init__(self, reward_multiplier: float = 1.0, n_train_times: Optional[int] = None, t_min: float = 0.0,
+                 t_max: float = 1.0, scheme: str = "right", weighting: str = "soc",
+                 max_weight: Optional[float] = None, adjoint_max_norm: Optional[float] = None) -> None:
+        if n_train_times is not None and n_train_times < 1:
+            raise ValueError(f"n_train_times must be positive or None, got {n_train_times}")
+        self.reward_multiplier = float(reward_multiplier)
+        self.n_train_times, self.t_min, self.t_max = n_train_times, float(t_min), float(t_max)
+        self.scheme, self.weighting, self.max_weight = scheme, weighting, max_weight
+        self.adjoint_max_norm = adjoint_max_norm
+
+    def default_solver(self) -> Solver:
+        return SDESolver(MemorylessNoise())
+
+    def setup(self, *, reward: Any, solver: Solver, group_size: int, kl_weight: float = 0.0) -> None:
+        """Refuse a black-box reward and any rollout solver but the memoryless SDE."""
+        require_differentiable(reward, "Adjoint Matching")
+        noise = getattr(solver, "noise", None)
+        memoryless = isinstance(noise, PowerLawNoise) and abs(float(noise.k) - 2.0) < 1e-12
+        if not memoryless:
+            raise ValueError(
+                "Adjoint Matching must sample its rollouts with the memoryless SDE: use "
+                "SDESolver(MemorylessNoise()) or leave the module's solver unset; after fine-tuning any "
+                f"sampler works. Got {type(solver).__name__} with noise {type(noise).__name__ if noise else None}."
+            )
+        if kl_weight > 0:
+            rank_zero_warn("AdjointMatchingObjective ignores kl_weight (the KLAnchor callback's weight): its "
+                           "regularisation toward the reference is set by reward_multiplier")
+
+    def loss(self, policies: Policies, batch: RolloutBatch, generator: torch.Generator,
+             kl_weight: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+        if batch.trajectory is None or batch.times is None:
+            raise ValueError("Adjoint Matching needs the rollouts' trajectories and time grid")
+        traj, times = batch.trajectory, batch.times
+        terminal = terminal_adjoint(policies.reward, traj[-1], self.reward_multiplier, batch.cond)
+        adjoints, v_base = lean_adjoint(policies.reference_velocity, traj, times, terminal, batch.cond,
+                                        scheme=self.scheme, return_base_velocity=True)
+        if self.adjoint_max_norm is not None:
+            adjoints = clip_adjoint(adjoints, self.adjoint_max_norm)
+        idx = select_train_indices(times, self.n_train_times, t_min=self.t_min, t_max=self.t_max,
+                                   generator=generator)
+        t, x, a, vb = gather_times(idx, times, traj, adjoints, v_base)
+        b = traj.shape[1]
+        cond = index_condition(batch.cond, torch.arange(b).repeat(idx.numel()))  # row i * B + b is sample b
+        v_ft = policies.velocity(x, t, cond)
+        per_sample = adjoint_matching_loss(v_ft, vb, a, t, weighting=self.weighting, max_weight=self.max_weight)
+        loss = per_sample.mean()
+        logs = {"adjoint_norm": a.reshape(a.shape[0], -1).norm(dim=1).mean().detach(),
+                "terminal_adjoint_norm": terminal.reshape(terminal.shape[0], -1).norm(dim=1).mean().detach()}
+        return loss, logs

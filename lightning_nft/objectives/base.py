@@ -1,23 +1,57 @@
-"""What an objective tells the module, and the one method the module calls.
+"""What an objective tells the module, and the narrow input it computes a loss from.
 
-Loss *functions* are pure tensor code (``objectives/nft.py``, ``adjoint_matching.py``, ``grpo.py``,
-``flow_matching.py``). An :class:`Objective` wires one of them to the policy interface: it says
-which policy samples the round's rollouts, whether trajectories / log-probabilities / reward
-gradients are needed, which solver it wants by default, and computes the loss of a minibatch of
-rollouts. Objectives are chosen in YAML (``model.init_args.objective.class_path``).
+Every method lives in one file, ``objectives/<method>.py``: pure tensor functions at the top, the
+:class:`Objective` subclass below. An objective says which policy samples the round's rollouts,
+whether trajectories / log-probabilities / reward gradients are needed, which solver it wants by
+default, and computes the loss of a minibatch of rollouts from
+
+* :class:`Policies`: the velocities it may call, the rollout solver and the reward;
+* the :class:`~lightning_nft.rollouts.RolloutBatch` minibatch;
+* a ``torch.Generator`` for its own noise (``x0``, ``t``...), derived by the module from
+  ``(seed, rank, round, step)`` (so training draws nothing from the global torch generator);
+* its own settings (constructor arguments) and the KL-anchor weight ``kl_weight``.
+
+It never sees the module or the trainer. Objectives are chosen in YAML
+(``model.init_args.objective.class_path``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Optional
 
+import torch
 from torch import Tensor
 
 from lightning_nft.rollouts import RolloutBatch
 from lightning_nft.samplers import Solver
 
-if TYPE_CHECKING:  # pragma: no cover
-    from lightning_nft.module import RewardFineTuningModule
+VelocityFn = Callable[[Tensor, Tensor, Any], Tensor]
+
+
+@dataclass(frozen=True)
+class Policies:
+    """The policies an objective may call (shapes: ``x (B, *S)``, ``t (B,)``, returns ``(B, *S)``).
+
+    Attributes:
+        velocity: current policy ``v_theta(x, t, cond)`` (parameter gradients flow).
+        old_velocity: old (sampling) policy ``v_old`` (``None`` when the module keeps none).
+        reference_velocity: frozen initial model ``v_ref``.
+        solver: the solver that sampled the rollouts (its transition densities for Flow-GRPO).
+        reward: ``reward(x1 (B, *S), cond) -> (B,)`` (differentiable for Adjoint Matching).
+    """
+
+    velocity: VelocityFn
+    old_velocity: Optional[VelocityFn]
+    reference_velocity: VelocityFn
+    solver: Solver
+    reward: Optional[Callable[..., Tensor]] = None
+
+    def require_old(self, who: str) -> VelocityFn:
+        """``old_velocity``, or a clear error naming ``who`` needs it."""
+        if self.old_velocity is None:
+            raise RuntimeError(f"{who} needs an old policy, but the module keeps none")
+        return self.old_velocity
 
 
 class Objective:
@@ -32,6 +66,8 @@ class Objective:
         needs_old_policy: the module keeps an old policy (EMA copy or second LoRA adapter).
         default_ema_decay: decay of the ``EMAOldPolicy`` the module adds when the trainer has none
             (GRPO wants ``0``: its ratio is against the policy that sampled).
+        rollouts_per_round: fresh rollout collections per round, each after a hard refresh
+            ``old <- current`` (``1``; multi-step DiffusionNFT asks for ``substeps``).
     """
 
     sampling_policy: Literal["old", "current"] = "old"
@@ -40,14 +76,21 @@ class Objective:
     needs_reward_gradient: bool = False
     needs_old_policy: bool = True
     default_ema_decay: float = 0.5
+    rollouts_per_round: int = 1
 
     def default_solver(self) -> Optional[Solver]:
         """The solver used for rollouts when the module is given none (``None``: Euler ODE)."""
         return None
 
-    def setup(self, module: "RewardFineTuningModule") -> None:
-        """Validate the module's configuration (e.g. refuse a black-box reward). Called at fit start."""
+    def setup(self, *, reward: Any, solver: Solver, group_size: int, kl_weight: float = 0.0) -> None:
+        """Validate the configuration at fit start (e.g. refuse a black-box reward or an ODE solver)."""
 
-    def loss(self, module: "RewardFineTuningModule", batch: RolloutBatch) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, policies: Policies, batch: RolloutBatch, generator: torch.Generator,
+             kl_weight: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
         """Return ``(scalar loss, {name: scalar to log})`` for a minibatch of rollouts."""
         raise NotImplementedError
+
+
+def standard_normal(shape: tuple[int, ...], like: Tensor, generator: torch.Generator) -> Tensor:
+    """``N(0, I)`` noise of ``shape`` drawn on the CPU from ``generator`` (device-independent), in the dtype and on the device of ``like``."""
+    return torch.randn(shape, generator=generator, dtype=like.dtype).to(like.device)

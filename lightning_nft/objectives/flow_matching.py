@@ -1,8 +1,8 @@
 """Plain (conditional) flow matching, the pretraining objective.
 
 ``L(theta) = E_{t ~ p(t), x0 ~ N(0, I), x1 ~ data} || v_theta(x_t, t) - (x1 - x0) ||^2`` with
-``x_t = (1 - t) x0 + t x1`` (``../shared/DESIGN.md``; the minimiser is ``E[X1 - X0 | X_t = x]``,
-seed 000).
+``x_t = (1 - t) x0 + t x1`` (the minimiser is ``E[X1 - X0 | X_t = x]``,
+the Taylor-approximation note (Liu, "DiffusionNFT as Taylor Approximation")).
 """
 
 from __future__ import annotations

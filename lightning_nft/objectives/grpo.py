@@ -1,4 +1,4 @@
-r"""Flow-GRPO: PPO-clip policy gradients on the Gaussian transitions of an SDE sampler (seed 002).
+r"""Flow-GRPO: PPO-clip policy gradients on the Gaussian transitions of an SDE sampler ("Reward Score Matching").
 
 Flow-GRPO turns sampling into an MDP. Rollouts are drawn with the SDE solver
 (``lightning_nft.samplers.SDESolver``; default noise Flow-GRPO's ``sigma(t) = a sqrt((1 - t) / t)``,
@@ -16,19 +16,19 @@ set ``J_i`` of trained steps, the minibatch loss is::
     L = mean_{i, j in J_i} [ w_j * -min(rho_ij A_i, clip(rho_ij, 1 - eps, 1 + eps) A_i) ]     (PPO-clip, Eq. 106)
         + kl_weight * mean_{i, j in J_i} ||mu_theta,j - mu_ref,j||^2 / (2 s_j^2)          (KL to the reference, Eq. 90)
 
-``pi_theta`` is recomputed with gradients (``module.velocity``) at the stored ``(x_j, t_j)`` and
+``pi_theta`` is recomputed with gradients (``policies.velocity``) at the stored ``(x_j, t_j)`` and
 evaluated at the *stored* ``x_{j+1}``; ``pi_old`` is the stored log-probability. The KL is the exact KL of
 two Gaussians with equal covariance ``s_j^2 I``, ``KL(N(mu, s^2 I) || N(mu_ref, s^2 I)) = ||mu - mu_ref||^2 /
-(2 s^2)`` (seed 002, Eq. 90), with ``mu_ref`` from ``module.reference_velocity``.
+(2 s^2)`` (Reward Score Matching, Eq. 90), with ``mu_ref`` from ``policies.reference_velocity``.
 
 **Gradient and what it estimates.** At ``theta = theta_old`` (``rho = 1``, no clip active),
 ``grad L = -mean A_i grad log pi_theta(x_{j+1} | x_j)`` and
 ``grad_v log pi = G_j (x_{j+1} - mu_j) / s_j^2 = (G_j / s_j) eps_j`` with ``eps_j`` the step's standard
 normal noise: REINFORCE on the transition means, i.e. the zeroth-order full-rollout estimator of the value
-gradient (seed 002, Def. 3.5 / Thm. 3.7, App. C.2.1). PPO and GRPO reduce to the clipped log-ratio form
+gradient (Reward Score Matching, Def. 3.5 / Thm. 3.7, App. C.2.1). PPO and GRPO reduce to the clipped log-ratio form
 of App. C.2.2 under tight clipping (App. C.2.3).
 
-**The three design dimensions of seed 002, section 4, as options.**
+**The three design dimensions of Reward Score Matching, section 4, as options.**
 
 * *Estimator*: which rollouts (full SDE trajectories, or TempFlow-GRPO-style *branching*:
   ``branch_width > 1``, :class:`BranchingSDESolver`), which steps are trained (``train_timesteps``,
@@ -52,9 +52,9 @@ measures depends on ``d``:
 * ``d > 0``: the old policy lags the current one by about ``d / (1 - d)`` rounds of updates. ``rho`` is
   still the correct importance weight for data drawn from the old policy, but ``rho != 1`` already on the
   first inner step, the advantages are those of the lagged policy, and the clip anchors the update to
-  the lagged policy (seed 002's "trust region to the previous policy", Eq. 12, made stronger): with a
+  the lagged policy (Reward Score Matching's "trust region to the previous policy", Eq. 12, made stronger): with a
   tight clip many samples are clipped from the first step on and learning slows or stalls.
-  :meth:`GRPOObjective.setup` warns in that case. (NFT, in contrast, *wants* a lagging old policy.)
+  The module warns in that case (``OnlineFineTuningMixin.setup``). (NFT, in contrast, *wants* a lagging old policy.)
 
 **Log-prob reduction.** The true transition ratio sums the log-density over the ``D = prod(S)`` sample
 dimensions (``log_prob_reduction="sum"``, default). Flow-GRPO's implementation averages them
@@ -70,30 +70,26 @@ trained transitions are flattened to ``M = B * K`` rows ``(M, *S)``.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from lightning_nft.objectives.base import Objective
-from lightning_nft.paths import expand_like
-from lightning_nft.rollouts import RolloutBatch, index_condition
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_nft.objectives.base import Objective, Policies
+from lightning_nft.conditions import index_condition
+from lightning_nft.rollouts import RolloutBatch
 from lightning_nft.samplers import (
+    BranchingSDESolver,
     FlowGRPONoise,
-    NoiseLike,
-    SampleOutput,
     SDESolver,
+    Solver,
     VelocityFn,
     ZeroNoise,
-    _batch_times,
-    _check_times,
     gaussian_log_prob,
 )
-
-if TYPE_CHECKING:  # pragma: no cover
-    from lightning_nft.module import RewardFineTuningModule
 
 TrainTimesteps = Union[str, int, float]
 TemporalWeighting = Union[str, Sequence[float]]
@@ -110,7 +106,6 @@ __all__ = [
     "TransitionBatch",
     "gather_transitions",
     "transition_log_probs",
-    "BranchingSDESolver",
     "GRPOObjective",
 ]
 
@@ -121,7 +116,7 @@ __all__ = [
 
 
 def likelihood_ratio(new_log_prob: Tensor, old_log_prob: Tensor, scale: float = 1.0) -> Tensor:
-    """Per-step likelihood ratio ``rho = exp(scale * (log pi_new - log pi_old))`` (seed 002, Eq. 99).
+    """Per-step likelihood ratio ``rho = exp(scale * (log pi_new - log pi_old))`` (Reward Score Matching, Eq. 99).
 
     ``new_log_prob`` (differentiable) and ``old_log_prob`` (detached here) have one shape, e.g. ``(M,)``.
     ``scale = 1`` is the exact ratio of summed log-densities; ``scale = 1 / D`` is Flow-GRPO's
@@ -135,7 +130,7 @@ def likelihood_ratio(new_log_prob: Tensor, old_log_prob: Tensor, scale: float = 
 
 
 def ppo_clip_loss(ratio: Tensor, advantages: Tensor, clip_range: float) -> Tensor:
-    """PPO-clip surrogate, elementwise: ``-min(rho A, clip(rho, 1 - eps, 1 + eps) A)`` (seed 002, Eq. 106).
+    """PPO-clip surrogate, elementwise: ``-min(rho A, clip(rho, 1 - eps, 1 + eps) A)`` (Reward Score Matching, Eq. 106).
 
     ``ratio``, ``advantages``: one shape (``(M,)``). ``clip_range = eps > 0``; ``float('inf')`` disables the
     clip (plain importance-sampled policy gradient). The gradient in ``rho`` is ``-A`` where the unclipped
@@ -179,16 +174,16 @@ def _step_coefficients(solver: SDESolver, times: Tensor) -> tuple[Tensor, Tensor
 
 
 def temporal_weights(scheme: TemporalWeighting, times: Tensor, solver: Optional[SDESolver] = None) -> Tensor:
-    r"""Weights ``w (T,)`` of the policy term of each step of the grid ``times (T+1,)`` (seed 002, sec. 4).
+    r"""Weights ``w (T,)`` of the policy term of each step of the grid ``times (T+1,)`` (Reward Score Matching, sec. 4).
 
     * ``"uniform"``: ``w_j = 1`` (Flow-GRPO: a plain mean over the trained steps).
     * ``"sigma"``: ``w_j \propto s_j``, the step's noise std. Noise-level-aware weighting in the spirit of
-      TempFlow-GRPO (seed 002, App. C.2.3): it down-weights the low-noise, high-SNR steps near ``t = 1``,
+      TempFlow-GRPO (Reward Score Matching, App. C.2.3): it down-weights the low-noise, high-SNR steps near ``t = 1``,
       where the native per-step gradient scale ``G_j / s_j`` (below) and hence the zeroth-order variance
-      are largest (seed 002, Eq. 19).
+      are largest (Reward Score Matching, Eq. 19).
     * ``"flat"``: ``w_j \propto s_j / G_j``. Since ``grad_v log pi_j = (G_j / s_j) eps_j``, this cancels the
       sampler's native weight so that every step pulls the velocity with the same strength per unit of
-      advantage: a flat normalised influence across time (seed 002, Eqs. 21-23), the idea of
+      advantage: a flat normalised influence across time (Reward Score Matching, Eqs. 21-23), the idea of
       PCPO-reweight (App. C.2.3, D.3; our form, not PCPO's exact schedule).
     * a sequence of ``T`` non-negative numbers: used as given (then normalised).
 
@@ -307,130 +302,6 @@ def transition_log_probs(solver: SDESolver, velocity: VelocityFn, tb: Transition
 
 
 # ----------------------------------------------------------------------------------------------
-# TempFlow-style branching rollouts
-# ----------------------------------------------------------------------------------------------
-
-
-class BranchingSDESolver(SDESolver):
-    r"""One-step branching rollouts (TempFlow-GRPO; seed 002, App. C.2.3, Eq. 113), a simple version.
-
-    The ``B`` rows are split into consecutive blocks of ``branch_width`` rows (``W``). Every row of a block
-    starts from the block's *first* noise ``x0`` (the other rows' noises are ignored) and follows the
-    deterministic Euler ODE ``x' = x + h v(x, t)``, except at one *branching step* ``j_b`` drawn per block,
-    where each row takes an independent SDE transition ``N(mu_j, s_j^2 I)`` of this solver's noise
-    schedule; after it the rows continue deterministically. So the ``W`` rows of a block share one parent
-    latent ``x_{j_b}``, differ by one Gaussian step, and are denoised by the ODE: their rewards are ``W``
-    point estimates of the lookahead value at ``x_{j_b + 1}``, and group-centring them (the module's
-    normaliser, with ``group_size == W``) is the branching-width-``W`` zeroth-order estimator of the value
-    gradient at step ``j_b`` (seed 002, Def. 3.5, Eq. 15). Only that step carries a log-probability:
-    ``log_probs[j, i]`` is ``NaN`` for every deterministic step, and :class:`GRPOObjective` trains exactly
-    the finite ones (one step per sample). Because every other step is deterministic, the value being
-    estimated is that of the ODE continuation, ``r(ODE(x_{j_b + 1}))``: stochasticity localization, which
-    changes the control problem rather than only the variance (seed 002, sec. 3.2). ``trajectory[0]`` holds
-    the shared noises; the rollout buffer's ``x0`` field keeps the callback's per-row noises (unused by GRPO).
-
-    Budget allocation across time (seed 002, sec. 5.2, "reallocate branching budget"): ``branch_steps``
-    (step indices; default all ``T`` steps) and ``branch_probs`` (default uniform) give the distribution
-    from which each block draws its branching step, i.e. the expected share of the groups (and of the
-    sampled images) spent on each step.
-
-    What this is *not*: TempFlow-GRPO revisits *every* step of one ODE trajectory (``T`` branch points per
-    prompt) and BranchGRPO branches recursively; here each group branches once, at a random step, so a
-    round spreads its groups over the steps. The rows must be ordered block by block (the module's
-    rollouts are: ``repeat_interleave`` of the group conditions).
-
-    Args:
-        noise, a: the SDE noise schedule of the branching step (as :class:`SDESolver`; default
-            Flow-GRPO's with ``a = 0.7``).
-        branch_width: ``W >= 2`` rows per block.
-        branch_steps: allowed branching steps (indices into the ``T`` steps; negative counts from the end).
-        branch_probs: probabilities of ``branch_steps`` (normalised).
-    """
-
-    def __init__(self, noise: NoiseLike = "flow_grpo", a: float = 0.7, branch_width: int = 4,
-                 branch_steps: Optional[Sequence[int]] = None, branch_probs: Optional[Sequence[float]] = None) -> None:
-        super().__init__(noise, a=a)
-        if isinstance(branch_width, bool) or not isinstance(branch_width, int) or branch_width < 2:
-            raise ValueError(f"branch_width must be an integer >= 2; got {branch_width!r}")
-        if isinstance(self.noise, ZeroNoise):
-            raise ValueError("the branching step needs a non-zero noise schedule")
-        self.branch_width = branch_width
-        self.branch_steps = None if branch_steps is None else [int(j) for j in branch_steps]
-        if self.branch_steps is not None and not self.branch_steps:
-            raise ValueError("branch_steps must not be empty")
-        if branch_probs is not None:
-            p = torch.as_tensor([float(v) for v in branch_probs], dtype=torch.float64)
-            n = len(self.branch_steps) if self.branch_steps is not None else None
-            if n is None or p.numel() != n:
-                raise ValueError("branch_probs needs branch_steps of the same length")
-            if not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or not bool(p.sum() > 0):
-                raise ValueError(f"branch_probs must be finite, non-negative and not all zero; got {p.tolist()}")
-            self.branch_probs: Optional[Tensor] = p / p.sum()
-        else:
-            self.branch_probs = None
-
-    def candidate_steps(self, n_steps: int) -> tuple[Tensor, Tensor]:
-        """Allowed branching steps ``(C,)`` (in ``[0, n_steps)``) and their probabilities ``(C,)``."""
-        if self.branch_steps is None:
-            steps = torch.arange(n_steps)
-        else:
-            steps = torch.as_tensor([j + n_steps if j < 0 else j for j in self.branch_steps])
-            if bool(((steps < 0) | (steps >= n_steps)).any()):
-                raise ValueError(f"branch_steps {self.branch_steps} out of range for {n_steps} sampler steps")
-        if self.branch_probs is not None:
-            probs = self.branch_probs
-        else:
-            probs = torch.full((steps.numel(),), 1.0 / steps.numel(), dtype=torch.float64)
-        return steps, probs
-
-    def sample(self, velocity: VelocityFn, x0: Tensor, times: Tensor, cond: Any = None, *,
-               generator: Optional[torch.Generator] = None, return_trajectory: bool = False,
-               return_log_probs: bool = False) -> SampleOutput:
-        """Branching rollouts from ``x0 (B, *S)`` (``B`` a multiple of ``branch_width``) over ``times (T+1,)``.
-
-        Returns :class:`~lightning_nft.samplers.SampleOutput`; ``log_probs (T, B)`` is ``NaN`` except at each
-        row's branching step. The branching steps are drawn first, then one noise tensor per grid step
-        (drawn for all rows, used by the branching rows), all from ``generator``.
-        """
-        if not isinstance(times, Tensor):
-            times = torch.as_tensor(times, dtype=x0.dtype, device=x0.device)
-        ts = _check_times(times)
-        n, w = x0.shape[0], self.branch_width
-        if n % w:
-            raise ValueError(f"BranchingSDESolver needs a batch that is a multiple of branch_width={w}; got {n}")
-        n_steps = len(ts) - 1
-        cand, probs = self.candidate_steps(n_steps)
-        pick = torch.multinomial(probs, n // w, replacement=True, generator=generator)
-        branch_step = cand[pick].repeat_interleave(w).to(x0.device)  # (B,)
-        x = x0[::w].repeat_interleave(w, dim=0)
-        traj = [x] if return_trajectory else None
-        logps: list[Tensor] = []
-        with torch.no_grad():
-            for j, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
-                v = velocity(x, _batch_times(t, x), cond)
-                mean, std = self.moments(x, v, t, t_next)
-                noise = torch.randn(x.shape, generator=generator, dtype=x.dtype,
-                                    device="cpu" if generator is not None else x.device).to(x.device)
-                x_sde = mean + expand_like(std, x) * noise
-                x_ode = x + (t_next - t) * v
-                here = branch_step == j
-                x_next = torch.where(here.reshape(-1, *([1] * (x.dim() - 1))), x_sde, x_ode)
-                if return_log_probs:
-                    lp = gaussian_log_prob(x_next, mean, std)
-                    logps.append(torch.where(here, lp, torch.full_like(lp, float("nan"))))
-                x = x_next
-                if traj is not None:
-                    traj.append(x)
-        return SampleOutput(samples=x, times=times, trajectory=torch.stack(traj) if traj is not None else None,
-                            log_probs=torch.stack(logps) if return_log_probs else None)
-
-    def __repr__(self) -> str:
-        probs = None if self.branch_probs is None else self.branch_probs.tolist()
-        return (f"BranchingSDESolver(noise={self.noise!r}, branch_width={self.branch_width}, "
-                f"branch_steps={self.branch_steps}, branch_probs={probs})")
-
-
-# ----------------------------------------------------------------------------------------------
 # The objective
 # ----------------------------------------------------------------------------------------------
 
@@ -444,7 +315,7 @@ class GRPOObjective(Objective):
             reference forward pass.
         noise_level: Flow-GRPO's ``a`` in ``sigma(t) = a sqrt((1 - t) / t)`` of the default solver. Only
             used when the module is given no solver; the loss recomputes transitions with whatever solver
-            sampled (``module.rollout_solver()``), which must be an :class:`~lightning_nft.samplers.SDESolver`.
+            sampled (``Policies.solver``), which must be an :class:`~lightning_nft.samplers.SDESolver`.
         train_timesteps: trained steps per sample: ``"all"``, an integer ``K`` (``K`` random steps), or a
             fraction in ``(0, 1]`` of the eligible steps (Flow-GRPO's ``timestep_fraction``).
         t_min, t_max: only steps with ``t_min <= t_j <= t_max`` are trained (e.g. Flow-GRPO-Fast's early
@@ -526,9 +397,8 @@ class GRPOObjective(Objective):
         return self._solver
 
     # ------------------------------------------------------------------ set-up checks
-    def setup(self, module: "RewardFineTuningModule") -> None:
-        """Refuse an ODE rollout solver or a branching mismatch; warn about a lagging old policy."""
-        solver = module.rollout_solver()
+    def setup(self, *, reward: Any, solver: Solver, group_size: int, kl_weight: float = 0.0) -> None:
+        """Refuse an ODE rollout solver or a branching width that differs from the group size."""
         if not isinstance(solver, SDESolver) or isinstance(solver.noise, ZeroNoise):
             raise ValueError(
                 f"GRPOObjective needs Gaussian transitions: the rollout solver must be an SDESolver with non-zero "
@@ -538,28 +408,12 @@ class GRPOObjective(Objective):
             if not isinstance(solver, BranchingSDESolver) or solver.branch_width != self.branch_width:
                 raise ValueError(f"branch_width={self.branch_width} needs the module's rollout solver to be the "
                                  f"objective's BranchingSDESolver (leave the module's solver unset); got {solver!r}")
-            group_size = int(module.hparams.get("group_size", self.branch_width))
-            trainer = getattr(module, "_trainer", None)
-            for cb in (trainer.callbacks if trainer is not None else []):
-                if getattr(cb, "group_size", None) is not None and hasattr(cb, "collect"):  # OnlineRollout override
-                    group_size = int(cb.group_size)
-            if group_size != self.branch_width:
+            if int(group_size) != self.branch_width:
                 raise ValueError(f"branching centres rewards over siblings: group_size ({group_size}) must equal "
                                  f"branch_width ({self.branch_width})")
-        trainer = getattr(module, "_trainer", None)
-        if trainer is not None:
-            from lightning_nft.callbacks import EMAOldPolicy
-
-            for cb in trainer.callbacks:
-                if isinstance(cb, EMAOldPolicy) and (cb.schedule != "constant" or cb.decay != 0.0):
-                    warnings.warn(
-                        "GRPOObjective: the old (sampling) policy is an EMA with non-zero decay, so it lags the "
-                        "current policy; the likelihood ratio is then not 1 on the first inner step and the clip "
-                        "anchors to the lagged policy. Flow-GRPO is EMAOldPolicy(decay=0.0) (see the grpo module "
-                        "docstring).", stacklevel=2)
-        if float(getattr(module, "kl_anchor_weight", 0.0) or 0.0) > 0:
-            warnings.warn("GRPOObjective ignores module.kl_anchor_weight (the KLAnchor callback's weight); its KL "
-                          "to the reference is kl_weight", stacklevel=2)
+        if kl_weight > 0:
+            rank_zero_warn("GRPOObjective ignores kl_weight (the KLAnchor callback's weight); its KL to the "
+                           "reference is its own kl_weight setting")
 
     # ------------------------------------------------------------------ the loss
     def weights(self, times: Tensor, solver: SDESolver) -> Tensor:
@@ -573,14 +427,19 @@ class GRPOObjective(Objective):
         in_window = (t >= self.t_min) & (t <= self.t_max)
         return torch.isfinite(lp).T & in_window.unsqueeze(0)
 
-    def loss(self, module: "RewardFineTuningModule", batch: RolloutBatch) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, policies: Policies, batch: RolloutBatch, generator: torch.Generator,
+             kl_weight: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+        """PPO-clip loss on the stored transitions plus ``self.kl_weight`` times the transition KL.
+
+        The KL anchor's ``kl_weight`` argument is not used: Flow-GRPO's KL is its own ``kl_weight`` setting.
+        """
         if batch.trajectory is None or batch.log_probs is None or batch.times is None:
             raise ValueError("GRPOObjective needs rollouts with trajectory, times and log_probs (an SDE rollout)")
-        solver = module.rollout_solver()
-        steps = select_train_steps(self.eligible_steps(batch), self.train_timesteps)
+        solver = policies.solver
+        steps = select_train_steps(self.eligible_steps(batch), self.train_timesteps, generator=generator)
         tb = gather_transitions(batch.trajectory, batch.times, steps)
         cond = index_condition(batch.cond, tb.rows)
-        new_lp, mean, std = transition_log_probs(solver, module.velocity, tb, cond)
+        new_lp, mean, std = transition_log_probs(solver, policies.velocity, tb, cond)
         old_lp = batch.log_probs[tb.steps, tb.rows].to(new_lp)
         dim = tb.x.reshape(tb.x.shape[0], -1).shape[1]
         scale = 1.0 if self.log_prob_reduction == "sum" else 1.0 / dim
@@ -602,7 +461,7 @@ class GRPOObjective(Objective):
             }
         if self.kl_weight > 0:
             with torch.no_grad():
-                mean_ref, _ = solver.transition(module.reference_velocity, tb.x, tb.t, tb.t_next, cond)
+                mean_ref, _ = solver.transition(policies.reference_velocity, tb.x, tb.t, tb.t_next, cond)
             kl = gaussian_mean_kl(mean, mean_ref, std, self.log_prob_reduction).mean()
             loss = loss + self.kl_weight * kl
             logs["kl"] = kl.detach()

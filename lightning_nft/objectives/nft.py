@@ -1,8 +1,13 @@
-r"""DiffusionNFT: negative-aware fine-tuning on the forward process (seeds 003, 000, 001).
+r"""DiffusionNFT: negative-aware fine-tuning on the forward process.
 
-Notation (our convention, ``../shared/DESIGN.md``): ``x_t = (1 - t) x0 + t x1``, ``x0 ~ N(0, I)``,
+Papers: "DiffusionNFT: Online Diffusion Reinforcement with Forward Process" (Zheng et al.,
+arXiv:2509.16117; the loss and implicit parameterisation), Q. Liu, "DiffusionNFT as Taylor Approximation"
+(Theorem 1.1, Lemma 1.2, multi-step NFT), Y. Zhu, "A KL-Regularized Reward-Tilting View of DiffusionNFT"
+(the KL anchor).
+
+Notation (time runs noise ``t = 0`` to data ``t = 1``): ``x_t = (1 - t) x0 + t x1``, ``x0 ~ N(0, I)``,
 ``x1`` a rollout of the old policy with optimality probability ``r`` (``lightning_nft.advantages``),
-target ``y = x1 - x0``. Implicit parameterisation with ``beta > 0`` (seed 003)::
+target ``y = x1 - x0``. Implicit parameterisation with ``beta > 0`` (DiffusionNFT)::
 
     v+ = (1 - beta) v_old + beta v_theta          (positive policy)
     v- = (1 + beta) v_old - beta v_theta          (implicit negative policy)
@@ -22,14 +27,14 @@ current error size (a robust, norm-like loss). This weight makes the population 
 from the one below; the closed forms hold for velocity space. The release also multiplies the loss
 by ``adv_clip_max / beta``; we do not (a pure gradient scale; with Adam almost only a learning-rate
 change, but it changes the balance with the KL anchor: a release anchor weight ``w_rel`` is our
-``kl_anchor_weight = w_rel * beta / c`` with ``c`` the release's ``adv_clip_max``).
+``kl_weight = w_rel * beta / c`` with ``c`` the release's ``adv_clip_max``).
 
 **Lemma 1.2 (pointwise optimum).** Per sample the loss is a quadratic in ``v_theta`` with Hessian
 ``2 beta^2 I / D`` for *every* real ``r`` (``r + (1 - r) = 1``), minimised at
 ``v_old + (2 r - 1)(y - v_old) / beta`` (:func:`nft_pointwise_optimum`); in fact
 ``loss = beta^2 ||v_theta - z||^2 + const`` with that ``z``.
 
-**Theorem 1.1 (seed 000).** With ``v_old(x) = E[y | X_t = x]`` the exact field of the rollout
+**Theorem 1.1 (Taylor-approximation note).** With ``v_old(x) = E[y | X_t = x]`` the exact field of the rollout
 distribution, averaging ``z`` given ``X_t = x`` gives the minimiser of ``L``::
 
     v*(x, t) = v_old(x, t) + (2 / beta) Cov(r(X1), X1 - X0 | X_t = x)
@@ -39,12 +44,12 @@ Constants in ``r`` drop out (so any affine normalisation of a reward is a rescal
 ``r`` need not lie in ``[0, 1]`` for the theorem (the quadratic stays convex). On a Gaussian mixture
 with ``r = a.x`` this is ``lightning_nft.analytic.GaussianMixture.nft_optimum`` (tested).
 
-**KL anchor (seed 001, in the release's form).** ``kl_anchor_weight * ||v_theta - v_ref||^2`` toward
+**KL anchor (reward-tilting view, in the release's form).** ``kl_weight * ||v_theta - v_ref||^2`` toward
 the frozen initial model; pointwise the velocity-space optimum becomes
-``(beta^2 z + w v_ref) / (beta^2 + w)`` (exact, tested). The weight lives on the module
-(``module.kl_anchor_weight``, set by the ``KLAnchor`` callback).
+``(beta^2 z + w v_ref) / (beta^2 + w)`` (exact, tested). The weight is passed to :meth:`NFTObjective.loss` as ``kl_weight``
+(the module's, set by the ``KLAnchor`` callback).
 
-**Multi-step NFT (seed 000).** One NFT round with ``v_old = v^{alpha_0}`` learns
+**Multi-step NFT (Taylor-approximation note).** One NFT round with ``v_old = v^{alpha_0}`` learns
 ``v^{alpha_0} + (2 / beta) d/d alpha v^alpha |_{alpha_0}``: one explicit Euler step of length
 ``2 / beta`` along the tilt parameter. Splitting the round into ``S = substeps`` sub-rounds, each
 starting with a *hard* refresh ``old <- current`` and *fresh* rollouts from the refreshed old
@@ -53,8 +58,8 @@ training each with ``beta_eff = S beta``, takes ``S`` Euler steps of ``2 / (S be
 still moves the tilt by ``2 / beta`` in total, and the error of this explicit Euler scheme
 against the exactly tilted field ``v^{2 / beta}`` shrinks like ``1 / S`` (if each sub-round is
 trained to its optimum).
-The objective only uses ``beta_eff`` (:attr:`NFTObjective.effective_beta`); the callbacks split the
-round. (With batch-normalised ``r`` each Euler step is measured in standardised reward units of its
+This objective uses ``beta_eff`` (:attr:`NFTObjective.effective_beta`) and asks for
+``rollouts_per_round = substeps`` collections per round; the module refreshes the old policy before each. (With batch-normalised ``r`` each Euler step is measured in standardised reward units of its
 own sub-round's rollouts.)
 
 Time sampling: a density (``lightning_nft.timesteps.TimeSampler``: uniform, logit-normal,
@@ -68,18 +73,15 @@ Shapes: ``v_* , x0, x1, x_t (B, *S)``; ``t, r (B,)``; per-sample losses ``(B,)``
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 import torch
 from torch import Tensor
 
-from lightning_nft.objectives.base import Objective
+from lightning_nft.objectives.base import Objective, Policies, standard_normal
 from lightning_nft.paths import data_from_velocity, expand_like, interpolate, velocity_target
 from lightning_nft.rollouts import RolloutBatch
 from lightning_nft.timesteps import TimeSampler
-
-if TYPE_CHECKING:  # pragma: no cover
-    from lightning_nft.module import RewardFineTuningModule
 
 NFTSpace = Literal["velocity", "data"]
 TimeSource = Literal["density", "grid"]
@@ -168,7 +170,7 @@ def nft_loss(
 
 
 def kl_anchor_penalty(v_theta: Tensor, v_ref: Tensor) -> Tensor:
-    """KL anchor to the initial reference (seed 001; the public release's form), ``(B,)``:
+    """KL anchor to the initial reference (reward-tilting view; the public release's form), ``(B,)``:
     ``mean over non-batch dims of (v_theta - v_ref)^2`` (``v_ref`` detached)."""
     if v_theta.shape != v_ref.shape:
         raise ValueError(f"v_theta and v_ref must have one shape; got {tuple(v_theta.shape)}, {tuple(v_ref.shape)}")
@@ -176,7 +178,7 @@ def kl_anchor_penalty(v_theta: Tensor, v_ref: Tensor) -> Tensor:
 
 
 def nft_pointwise_optimum(v: Tensor, y: Tensor, r: Union[float, Tensor], beta: float) -> Tensor:
-    """Lemma 1.2 (seed 000): the per-sample minimiser of the velocity-space loss, ``(B, *S)``:
+    """Lemma 1.2 (Taylor-approximation note): the per-sample minimiser of the velocity-space loss, ``(B, *S)``:
     ``v_theta* = v + (2 r - 1)(y - v) / beta`` for old velocity ``v``, target ``y = x1 - x0`` and ``r (B,)``."""
     beta = _check_beta(beta)
     r = torch.as_tensor(r, dtype=v.dtype, device=v.device)
@@ -192,19 +194,19 @@ class NFTObjective(Objective):
     and conditions are used (plus the grid ``times`` when ``time_source="grid"``).
 
     Args:
-        beta: implicit-parameterisation strength (seed 003); one round approximates the tilt
-            ``exp((2 / beta) r)`` (seed 000).
+        beta: implicit-parameterisation strength; one round approximates the tilt ``exp((2 / beta) r)``
+            (Theorem 1.1).
         space: ``"velocity"`` (paper) or ``"data"`` (release, adaptive weight).
         time_sampler: density of ``t`` (default: uniform on ``[0, 1]``). With ``time_source="grid"``
             its ``[t_min, t_max]`` restricts the eligible grid points.
         time_source: ``"density"`` or ``"grid"`` (the rollout solver's own times; needs
             ``batch.times``).
-        substeps: multi-step NFT: the callbacks split each round into ``substeps`` sub-rounds (hard
-            refresh + fresh rollouts each) and the loss uses ``effective_beta = beta * substeps``.
+        substeps: multi-step NFT: each round is split into ``substeps`` sub-rounds (hard refresh + fresh
+            rollouts each, ``rollouts_per_round``) and the loss uses ``effective_beta = beta * substeps``.
         adaptive_weight: data space: divide by the detached mean absolute error (release).
 
-    Reads from the module: ``velocity``, ``old_velocity``, ``reference_velocity`` and the float
-    ``kl_anchor_weight`` (absent or ``0``: no anchor term, no reference forward pass).
+    Calls ``policies.velocity``, ``old_velocity`` and, when ``kl_weight > 0``, ``reference_velocity``
+    (``kl_weight = 0``: no anchor term, no reference forward pass).
     Logs ``nft_loss``, ``old_deviation = mean (v_theta - v_old)^2`` and, with an anchor,
     ``kl_anchor`` (the unweighted penalty).
     """
@@ -239,6 +241,11 @@ class NFTObjective(Objective):
         self.adaptive_weight = bool(adaptive_weight)
 
     @property
+    def rollouts_per_round(self) -> int:  # type: ignore[override]
+        """Multi-step NFT: one fresh rollout collection per sub-round."""
+        return self.substeps
+
+    @property
     def effective_beta(self) -> float:
         """``beta * substeps``: each of the ``substeps`` Euler steps moves the tilt by ``2 / effective_beta``."""
         return self.beta * self.substeps
@@ -270,19 +277,24 @@ class NFTObjective(Objective):
             grid = grid[(grid >= ts.t_min) & (grid <= ts.t_max)]
         if grid.numel() == 0:
             raise ValueError("no grid time of the rollout solver lies in the time sampler's [t_min, t_max]")
-        idx = torch.randint(0, grid.numel(), (n,), device=grid.device, generator=generator)
-        return grid[idx].to(device=device, dtype=dtype)
+        idx = torch.randint(0, grid.numel(), (n,), generator=generator)
+        return grid.cpu()[idx].to(device=device, dtype=dtype)
 
-    def loss(self, module: "RewardFineTuningModule", batch: RolloutBatch) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, policies: Policies, batch: RolloutBatch, generator: torch.Generator,
+             kl_weight: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+        """Mean DiffusionNFT loss of the minibatch, plus ``kl_weight`` times the KL anchor when positive."""
+        kl_weight = float(kl_weight)
+        if kl_weight < 0:
+            raise ValueError(f"kl_weight must be non-negative; got {kl_weight}")
         x1 = batch.x1
         cond = batch.cond
         n = x1.shape[0]
-        x0 = torch.randn_like(x1)
-        t = self.sample_times(batch, n, x1.device, x1.dtype)
+        x0 = standard_normal(tuple(x1.shape), x1, generator)
+        t = self.sample_times(batch, n, torch.device("cpu"), x1.dtype, generator).to(x1.device)
         x_t = interpolate(x0, x1, t)
-        v_theta = module.velocity(x_t, t, cond)
+        v_theta = policies.velocity(x_t, t, cond)
         with torch.no_grad():
-            v_old = module.old_velocity(x_t, t, cond).detach()
+            v_old = policies.require_old("NFTObjective")(x_t, t, cond).detach()
         r = batch.r.to(device=x1.device, dtype=x1.dtype)
         per_sample = nft_loss(
             v_theta, v_old, x0, x1, x_t, t, r, self.effective_beta, space=self.space,
@@ -293,14 +305,11 @@ class NFTObjective(Objective):
             "nft_loss": loss.detach(),
             "old_deviation": _per_sample_mean((v_theta.detach() - v_old) ** 2).mean(),
         }
-        weight = float(getattr(module, "kl_anchor_weight", 0.0) or 0.0)
-        if weight < 0:
-            raise ValueError(f"kl_anchor_weight must be non-negative; got {weight}")
-        if weight > 0:
+        if kl_weight > 0:
             with torch.no_grad():
-                v_ref = module.reference_velocity(x_t, t, cond).detach()
+                v_ref = policies.reference_velocity(x_t, t, cond).detach()
             kl = kl_anchor_penalty(v_theta, v_ref).mean()
-            loss = loss + weight * kl
+            loss = loss + kl_weight * kl
             logs["kl_anchor"] = kl.detach()
         return loss, logs
 

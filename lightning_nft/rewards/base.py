@@ -1,7 +1,7 @@
 """The reward protocol.
 
 A reward maps a batch of generated samples (and their conditions) to one float per sample,
-higher is better (``../shared/DESIGN.md``, "Rewards"). Rewards are ``nn.Module`` s so that any
+higher is better. Rewards are ``nn.Module`` s so that any
 weights they hold move with the Lightning module, and they declare whether they are
 differentiable: Adjoint Matching needs ``grad r`` and refuses a black-box reward at set-up;
 DiffusionNFT and GRPO only need the numbers.
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 
 class Reward(nn.Module):
-    """Base class: ``forward(samples (B, *S), conditions=None) -> rewards (B,)``.
+    """Base class: ``forward(samples (B, *S), cond=None) -> rewards (B,)``.
 
     Subclasses set the class attribute :attr:`differentiable`. A differentiable reward must be
     built from torch operations so that ``torch.autograd.grad(reward(x).sum(), x)`` is ``grad r``.
@@ -26,15 +26,15 @@ class Reward(nn.Module):
 
     differentiable: bool = True
 
-    def forward(self, samples: Tensor, conditions: Optional[Any] = None) -> Tensor:  # pragma: no cover
+    def forward(self, samples: Tensor, cond: Optional[Any] = None) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def gradient(self, samples: Tensor, conditions: Optional[Any] = None) -> Tensor:
+    def gradient(self, samples: Tensor, cond: Optional[Any] = None) -> Tensor:
         """``grad_x r(x)`` of shape ``(B, *S)``; raises for a black-box reward."""
         require_differentiable(self)
         with torch.enable_grad():
             x = samples.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(self(x, conditions).sum(), x)
+            (grad,) = torch.autograd.grad(self(x, cond).sum(), x)
         return grad
 
 
@@ -69,7 +69,7 @@ class LinearReward(Reward):
         super().__init__()
         self.register_buffer("direction", torch.as_tensor(direction, dtype=torch.float32).reshape(-1))
 
-    def forward(self, samples: Tensor, conditions: Optional[Any] = None) -> Tensor:
+    def forward(self, samples: Tensor, cond: Optional[Any] = None) -> Tensor:
         return samples.reshape(samples.shape[0], -1) @ self.direction.to(samples.dtype)
 
 
@@ -84,5 +84,5 @@ class SigmoidReward(Reward):
         self.scale = float(scale)
         self.offset = float(offset)
 
-    def forward(self, samples: Tensor, conditions: Optional[Any] = None) -> Tensor:
+    def forward(self, samples: Tensor, cond: Optional[Any] = None) -> Tensor:
         return torch.sigmoid(self.scale * (self.linear(samples) - self.offset))

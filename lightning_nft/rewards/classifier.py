@@ -10,7 +10,7 @@ scores the picture a user sees and its gradient is zero on saturated pixels. The
 differentiable (``grad_x r`` by autograd, used by Adjoint Matching with ``log_prob``). The classifier
 is frozen and stays in eval mode even when the owning module is put in train mode.
 
-``target=None`` reads per-sample targets from ``conditions`` (an int tensor ``(B,)`` of labels), for
+``target=None`` reads per-sample targets from ``cond`` (an int tensor ``(B,)`` of labels), for
 class-conditional generation.
 """
 
@@ -28,7 +28,7 @@ class DigitClassifierReward(Reward):
     """Probability (``mode="prob"``) or log-probability (``"log_prob"``) of digit ``target``.
 
     Args:
-        target: the digit to reward (0-9), or ``None`` to take labels from ``conditions``.
+        target: the digit to reward (0-9), or ``None`` to take labels from ``cond``.
         mode: ``"prob"`` or ``"log_prob"``.
         classifier: a module mapping ``(B, 1, 8, 8) -> logits (B, 10)``; default: the shipped one
             (:func:`lightning_nft.models.load_pretrained_digit_classifier`).
@@ -73,14 +73,14 @@ class DigitClassifierReward(Reward):
             logits = logits.float()  # softmax in at least single precision
         return torch.log_softmax(logits, dim=-1)
 
-    def forward(self, samples: Tensor, conditions: Optional[Any] = None) -> Tensor:
+    def forward(self, samples: Tensor, cond: Optional[Any] = None) -> Tensor:
         """Rewards ``(B,)`` of samples ``(B, 1, 8, 8)``."""
         logp = self.log_probs(samples)
         if self.target is not None:
             chosen = logp[:, self.target]
         else:
-            if conditions is None:
-                raise ValueError("DigitClassifierReward(target=None) needs integer labels as conditions")
-            labels = torch.as_tensor(conditions, device=logp.device).reshape(-1).long()
+            if cond is None:
+                raise ValueError("DigitClassifierReward(target=None) needs integer labels as cond")
+            labels = torch.as_tensor(cond, device=logp.device).reshape(-1).long()
             chosen = logp.gather(1, labels[:, None])[:, 0]
         return chosen if self.mode == "log_prob" else chosen.exp()

@@ -52,7 +52,7 @@ class JpegCompressibility(Reward):
         self.upscale = int(upscale)
 
     @torch.no_grad()
-    def forward(self, samples: Tensor, conditions: Optional[Any] = None) -> Tensor:
+    def forward(self, samples: Tensor, cond: Optional[Any] = None) -> Tensor:
         x = samples.detach().float()
         if x.dim() == 3:
             x = x[:, None]

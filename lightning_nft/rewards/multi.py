@@ -35,11 +35,11 @@ class MultiReward(Reward):
         self.differentiable = all(getattr(r, "differentiable", False) for r in self.rewards.values())
         self.last_components: Dict[str, Tensor] = {}
 
-    def forward(self, samples: Tensor, conditions: Optional[Any] = None) -> Tensor:
+    def forward(self, samples: Tensor, cond: Optional[Any] = None) -> Tensor:
         total: Optional[Tensor] = None
         components: Dict[str, Tensor] = {}
         for name, reward in self.rewards.items():
-            value = reward(samples, conditions)
+            value = reward(samples, cond)
             components[name] = value.detach()
             term = self.weights[name] * value
             total = term if total is None else total + term
