@@ -11,6 +11,7 @@ from lightning_nft.callbacks.image_grid import ImageGrid
 from lightning_nft.callbacks.kl_anchor import KLAnchor
 from lightning_nft.callbacks.online_rollout import OnlineRollout
 from lightning_nft.callbacks.reward_metrics import RewardMetrics, SampleStatistics
+from lightning_nft.callbacks.round_checkpoint import RoundCheckpoint
 from lightning_nft.callbacks.sample_quality import SampleQuality
 from lightning_nft.callbacks.sample_writer import SampleWriter
 
@@ -20,6 +21,7 @@ __all__ = [
     "KLAnchor",
     "OnlineRollout",
     "RewardMetrics",
+    "RoundCheckpoint",
     "SampleQuality",
     "SampleStatistics",
     "SampleWriter",

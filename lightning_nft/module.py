@@ -38,7 +38,9 @@ from lightning_nft.lora import add_lora
 from lightning_nft.objectives.base import Objective
 from lightning_nft.policy import ConditionSampler, OnlineFineTuningMixin, PolicyRole
 from lightning_nft.rewards.base import Reward
+from lightning_nft.rewards.validation import NonFinitePolicy
 from lightning_nft.samplers import Solver
+from lightning_nft.startup_checks import check_learning_rates
 
 
 @runtime_checkable
@@ -108,6 +110,20 @@ class RewardFineTuningModule(OnlineFineTuningMixin):
         step_metrics: ``True`` logs ``train/loss`` and the objective's diagnostics at every gradient
             step; ``False`` (default) logs their round means once per round, under the same names
             (a ``self.log`` costs a fixed ~0.1-0.5 ms on CPU; ``benchmarks/nft_overhead.py``).
+        nonfinite_rewards: what a NaN/inf reward does (``lightning_nft.rewards.validation``): ``"raise"``
+            (default) stops naming the reward class and round; ``"drop_sample"`` / ``"drop_group"`` leave the
+            sample / its whole group out of the round, counted and logged (``reward/nonfinite``,
+            ``reward/dropped_samples``, ``reward/dropped_groups``). Non-finite *samples* or losses always stop
+            the run, blamed on the policy with the round, the step and the last finite loss; a non-finite loss
+            is caught before the optimiser step and the last good state is saved next to the checkpoints.
+        fsdp_blocks: class names of submodules sharded as their own FSDP2 units under
+            ``ModelParallelStrategy`` (e.g. ``["JointTransformerBlock"]``); the rest of each network is one
+            unit. Trained, old and reference networks are sharded alike (``lightning_nft.sharding``).
+
+    Start-up checks (before round 0, ``lightning_nft.startup_checks``): ``group_size: 1`` with a
+    group-centred normalisation and a zero learning rate are refused; a backbone or reward that records
+    another sample shape is refused; one velocity evaluation and one reward call on two samples of
+    ``sample_shape`` must give a velocity of the samples' shape and one reward per sample.
     """
 
     def __init__(
@@ -135,6 +151,8 @@ class RewardFineTuningModule(OnlineFineTuningMixin):
         predict_policy: PolicyRole = "current",
         default_callbacks: bool = True,
         step_metrics: bool = False,
+        nonfinite_rewards: NonFinitePolicy = "raise",
+        fsdp_blocks: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if isinstance(lora, dict):  # as stored in checkpoints' hyper-parameters (load_from_checkpoint)
@@ -150,6 +168,7 @@ class RewardFineTuningModule(OnlineFineTuningMixin):
             groups_per_round=groups_per_round, group_size=group_size, steps_per_round=steps_per_round,
             minibatch_size=minibatch_size, solver=solver, n_sample_steps=n_sample_steps, time_shift=time_shift,
             normalizer=normalizer, rollout_seed=rollout_seed, step_metrics=step_metrics,
+            nonfinite_rewards=nonfinite_rewards, fsdp_blocks=fsdp_blocks,
         )
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -191,6 +210,7 @@ class RewardFineTuningModule(OnlineFineTuningMixin):
         if not params:
             raise ValueError("the backbone has no trainable parameters")
         opt = self.optimizer_factory(params)
+        check_learning_rates([opt])
         if self.lr_scheduler_factory is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}

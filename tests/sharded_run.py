@@ -27,34 +27,18 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_nft.analytic import GaussianMixture
 from lightning_nft.backbones import MLPVelocity, ResidualVelocity
 from lightning_nft.callbacks import EMAOldPolicy
-from lightning_nft.module import LoraSettings, RewardFineTuningModule
+from lightning_nft.module import LoraSettings, RewardFineTuningModule, adamw
 from lightning_nft.objectives.nft import NFTObjective
 from lightning_nft.rewards import LinearReward
-from lightning_nft.sharding import flat_parameters, reshard, shard_policies
-
-
-class ShardableModule(RewardFineTuningModule):
-    """Until the module shards itself: ``configure_model`` shards the policies alike under FSDP2."""
-
-    def configure_model(self) -> None:
-        if self.device_mesh is not None:
-            shard_policies((self.backbone, self.old_backbone, self.reference_backbone), self.device_mesh["data_parallel"])
-
-    def update_old_policy(self, decay: float) -> None:
-        reshard(self)
-        super().update_old_policy(decay)
-
-    def snapshot_reference(self) -> None:
-        reshard(self)
-        super().snapshot_reference()
+from lightning_nft.sharding import flat_parameters, reshard
 
 
 def build_module(kind: str) -> RewardFineTuningModule:
     mixture = GaussianMixture([0.5, 0.3, 0.2], [[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], 0.4)
     lora = LoraSettings(target_modules=["body.0", "body.2", "head"], rank=4) if kind == "lora" else None
-    return ShardableModule(
+    return RewardFineTuningModule(
         ResidualVelocity(mixture, MLPVelocity(2, 32, 2, zero_init=False)), LinearReward([1.0, 0.0]),
-        NFTObjective(beta=1.0), sample_shape=[2], groups_per_round=2, group_size=8, steps_per_round=2, lr=3e-3,
+        NFTObjective(beta=1.0), sample_shape=[2], groups_per_round=2, group_size=8, steps_per_round=2, optimizer=adamw(3e-3),
         n_sample_steps=5, lora=lora,
     )
 

@@ -8,7 +8,7 @@ import torch
 
 from lightning_nft.callbacks import ImageGrid, RewardMetrics, SampleQuality
 from lightning_nft.models import DigitFeatures, load_pretrained_digits_flow
-from lightning_nft.module import RewardFineTuningModule
+from lightning_nft.module import RewardFineTuningModule, adamw
 from lightning_nft.objectives import NFTObjective
 from lightning_nft.rewards import DigitClassifierReward
 
@@ -16,7 +16,7 @@ from lightning_nft.rewards import DigitClassifierReward
 def _module():
     return RewardFineTuningModule(load_pretrained_digits_flow(), DigitClassifierReward(target=3), NFTObjective(beta=1.0),
                                   sample_shape=[1, 8, 8], groups_per_round=2, group_size=4, steps_per_round=2,
-                                  n_sample_steps=3, lr=3e-3)
+                                  n_sample_steps=3, optimizer=adamw(3e-3))
 
 
 def _fit(root, rounds, ckpt_path=None):

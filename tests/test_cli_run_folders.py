@@ -32,16 +32,17 @@ def test_root_dir_override_moves_every_output_and_a_used_folder_is_refused(in_tm
     main(["fit", "--config", CONFIG, "--trainer.default_root_dir", "runs/other", "--seed_everything", "3", *short()])
     other = in_tmp / "runs" / "other"
     assert not (in_tmp / "runs" / "gmm_nft").exists()  # nothing went to the config file's folder
-    assert sorted(p.name for p in (other / "checkpoints").iterdir())[-1] == "last.ckpt"
+    assert sorted(p.name for p in (other / "checkpoints").iterdir()) == ["last.ckpt", "round-0000.ckpt"]
     assert any((other / "tb").rglob("events.out.tfevents*"))
     saved = yaml.safe_load(next((other / "tb").rglob("config.yaml")).read_text())
     callbacks = {c["class_path"].rsplit(".", 1)[1]: c.get("init_args", {}) for c in saved["trainer"]["callbacks"]}
-    assert callbacks["ModelCheckpoint"]["dirpath"] == "runs/other/checkpoints"
+    assert callbacks["SampleWriter"]["output_path"] == "runs/other/samples.pt"
+    assert saved["trainer"]["logger"]["init_args"]["save_dir"] == "runs/other"
     assert saved["model"]["init_args"]["rollout_seed"] == 3  # ${seed_everything} follows the override too
 
     with pytest.raises(RunFolderError, match=r"runs/other is not empty.*--ckpt_path runs/other/checkpoints/last\.ckpt"):
         main(["fit", "--config", CONFIG, "--trainer.default_root_dir", "runs/other", *short()])
-    assert sorted(p.name for p in (other / "checkpoints").iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (other / "checkpoints").iterdir()) == ["last.ckpt", "round-0000.ckpt"]
 
     # resuming continues in the folder; --overwrite starts afresh
     main(["fit", "--config", CONFIG, "--trainer.default_root_dir", "runs/other", *short(2),
@@ -50,7 +51,7 @@ def test_root_dir_override_moves_every_output_and_a_used_folder_is_refused(in_tm
     with pytest.warns(UserWarning, match="deleting the previous run"):
         main(["fit", "--config", CONFIG, "--trainer.default_root_dir", "runs/other", "--overwrite", "true", *short()])
     assert torch.load(other / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 0
-    assert sorted(p.name for p in (other / "checkpoints").iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (other / "checkpoints").iterdir()) == ["last.ckpt", "round-0000.ckpt"]
 
 
 def test_predict_without_checkpoint_warns_and_keeps_the_trained_samples(in_tmp):

@@ -67,7 +67,7 @@ trainer:
         n_samples: 8
         every_n_rounds: 1
         plot_filename: null
-    - class_path: lightning_nft.callbacks.round_checkpoint.RoundCheckpoint
+    - class_path: lightning_nft.callbacks.RoundCheckpoint
       init_args:
         keep_last: 2
         every_n_rounds: 1
@@ -89,7 +89,10 @@ model:
     group_size: 8
     steps_per_round: 3
     n_sample_steps: 4
-    lr: 1.0e-3
+    optimizer:
+      class_path: torch.optim.AdamW
+      init_args:
+        lr: 1.0e-3
 """
 
 ROUNDS = 4

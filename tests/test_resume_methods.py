@@ -20,7 +20,7 @@ from lightning_nft.cli import main
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 LORA = '{"target_modules": ["residual.body.0", "residual.body.2", "residual.head"], "rank": 4}'
 METHODS = {
-    "multistep_nft": ("gmm_nft_multistep.yaml", ["--model.init_args.group_size", "8", "--model.init_args.steps_per_round", "4"]),
+    "multistep_nft": ("gmm_nft.yaml+gmm_nft_multistep.yaml", ["--model.init_args.group_size", "8", "--model.init_args.steps_per_round", "4"]),
     "lora_nft": ("gmm_nft.yaml", ["--model.init_args.group_size", "8", "--model.init_args.steps_per_round", "2",
                                   "--model.init_args.lora", LORA]),
     "adjoint_matching": ("gmm_adjoint.yaml", ["--model.init_args.group_size", "16", "--model.init_args.n_sample_steps", "8"]),
@@ -29,7 +29,8 @@ METHODS = {
 
 
 def _fit(config: str, extra: list[str], root: Path, rounds: int, ckpt: Path | None = None) -> dict:
-    args = ["fit", "--config", str(CONFIGS / config), *extra, "--trainer.default_root_dir", str(root),
+    configs = [arg for name in config.split("+") for arg in ("--config", str(CONFIGS / name))]
+    args = ["fit", *configs, *extra, "--trainer.default_root_dir", str(root),
             "--trainer.max_epochs", str(rounds), "--trainer.enable_progress_bar", "false"]
     main(args + (["--ckpt_path", str(ckpt)] if ckpt else []))
     return torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)

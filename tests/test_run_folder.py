@@ -13,7 +13,7 @@ from lightning_nft.analytic import GaussianMixture
 from lightning_nft.backbones import MLPVelocity, ResidualVelocity
 from lightning_nft.callbacks.round_checkpoint import RoundCheckpoint, auto_every_n_rounds
 from lightning_nft.checkpoint_io import AtomicCheckpointIO
-from lightning_nft.module import RewardFineTuningModule
+from lightning_nft.module import RewardFineTuningModule, adamw
 from lightning_nft.objectives.nft import NFTObjective
 from lightning_nft.rewards import LinearReward
 from lightning_nft.run_folder import RunFolderError, predict_output_path, prepare_run_folder
@@ -57,7 +57,7 @@ def _module():
     mixture = GaussianMixture([0.5, 0.5], [[-1.0, 0.0], [1.0, 0.0]], 0.5)
     return RewardFineTuningModule(ResidualVelocity(mixture, MLPVelocity(2, 8, 1, zero_init=True)), LinearReward([1.0, 0.0]),
                                   NFTObjective(beta=1.0), sample_shape=[2], groups_per_round=1, group_size=4,
-                                  steps_per_round=1, n_sample_steps=2, lr=1e-3)
+                                  steps_per_round=1, n_sample_steps=2, optimizer=adamw(1e-3))
 
 
 @pytest.mark.parametrize("rounds, every, keep, expected", [(5, 2, 2, [3, 4]), (6, 3, 1, [5]), (3, "auto", -1, [0, 1, 2])])
