@@ -85,6 +85,7 @@ def test_optimizer_and_lr_scheduler_from_the_command_line(tmp_path):
     assert group["initial_lr"] == 0.05 and abs(group["lr"] - 0.05 * 0.1**2) < 1e-12
     assert ckpt["lr_schedulers"][0]["step_size"] == 1
     # without the flags the config's AdamW (lr 3e-3) is used
+    (tmp_path / "default").mkdir()
     _run(["lightning-nft", "fit", "--config", str(config), "--trainer.max_epochs", "1",
           "--trainer.enable_progress_bar", "false"], tmp_path / "default")
     ckpt = torch.load(tmp_path / "default" / "runs" / "gmm_nft" / "checkpoints" / "last.ckpt", weights_only=False)
