@@ -376,8 +376,9 @@ class OnlineFineTuningMixin(pl.LightningModule):
         """``reference <- current`` (full fine-tuning; a no-op with LoRA)."""
         reshard(self)
         ref, cur = self.reference_pairs()
-        if ref:
-            torch._foreach_copy_(ref, cur)
+        if ref:  # copy_ per tensor: DTensor shards (FSDP2) have no _foreach_copy_ rule
+            for r, c in zip(ref, cur):
+                r.copy_(c)
 
     # ------------------------------------------------------------------ rollouts
     @property
