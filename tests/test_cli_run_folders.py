@@ -3,7 +3,6 @@ overwrites a fine-tuned run's samples without a checkpoint."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

@@ -19,7 +19,6 @@ import glob
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 

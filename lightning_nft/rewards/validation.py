@@ -68,7 +68,7 @@ def reward_vector(values: Any, n: int, source: str = "the reward", device: Optio
         if source not in _CONVERSION_NOTED:
             _CONVERSION_NOTED.add(source)
             rank_zero_warn(
-                f"{source} returned a {type(values).__name__}, not a torch tensor; converting it to a float tensor "
+                f"{source} returned a {type(values).__name__} (not a torch tensor); converting it to a float tensor "
                 f"(return a tensor of shape ({n},) to skip the conversion)"
             )
         tensor = tensor.float()
