@@ -10,16 +10,20 @@ from lightning_nft.callbacks.ema_old_policy import EMAOldPolicy
 from lightning_nft.callbacks.image_grid import ImageGrid
 from lightning_nft.callbacks.kl_anchor import KLAnchor
 from lightning_nft.callbacks.online_rollout import OnlineRollout
+from lightning_nft.callbacks.reward_components import RewardComponentMetrics
+from lightning_nft.callbacks.reward_failure import CheckpointOnRewardFailure
 from lightning_nft.callbacks.reward_metrics import RewardMetrics, SampleStatistics
 from lightning_nft.callbacks.round_checkpoint import RoundCheckpoint
 from lightning_nft.callbacks.sample_quality import SampleQuality
 from lightning_nft.callbacks.sample_writer import SampleWriter
 
 __all__ = [
+    "CheckpointOnRewardFailure",
     "EMAOldPolicy",
     "ImageGrid",
     "KLAnchor",
     "OnlineRollout",
+    "RewardComponentMetrics",
     "RewardMetrics",
     "RoundCheckpoint",
     "SampleQuality",

@@ -12,6 +12,7 @@ use ``${...}`` interpolation, e.g.::
     lightning-nft fit --config configs/gmm_nft.yaml --config configs/gmm_nft_kl.yaml
     lightning-nft fit --config configs/gmm_nft.yaml --optimizer SGD --optimizer.lr 0.01
     lightning-nft predict --config configs/gmm_pretrain.yaml --ckpt_path runs/gmm_pretrain/checkpoints/last.ckpt
+    lightning-nft serve-reward --config reward_server.yaml     # lightning_nft.reward_server
 
 One option is ours: ``torch_threads`` (``--torch_threads N`` or a top-level YAML key) sets
 ``torch.set_num_threads`` before anything is built. The small CPU models of the shipped configs
@@ -26,6 +27,7 @@ logs and pictures too. ``fit`` refuses a non-empty run folder unless it resumes 
 
 from __future__ import annotations
 
+import sys
 from typing import Optional, Sequence
 
 import lightning.pytorch as pl
@@ -74,7 +76,13 @@ class NFTLightningCLI(LightningCLI):
 
 
 def main(args: Optional[Sequence[str]] = None) -> None:
-    """Run the CLI on ``args`` (``sys.argv[1:]`` by default)."""
+    """Run the CLI on ``args`` (``sys.argv[1:]`` by default); ``serve-reward ...`` starts a reward server."""
+    argv = list(args) if args is not None else sys.argv[1:]
+    if argv and argv[0] == "serve-reward":  # not a LightningCLI subcommand: dispatch before it parses
+        from lightning_nft.reward_server import main as serve_reward
+
+        serve_reward(argv[1:])
+        return
     import jsonargparse
 
     # omegaconf+ resolves ${...} after every override; the configs' absolute ${trainer...} paths then need

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
+import torch
 from torch import nn
 
 TRAIN_ADAPTER = "default"
@@ -25,14 +26,37 @@ def _tuner_layers(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
+def check_lora_targets(model: nn.Module, target_modules: Sequence[str]) -> None:
+    """Raise a ``ValueError`` naming every entry of ``target_modules`` that matches no module of ``model``.
+
+    peft's rule: a module named ``a.b.c`` matches a target ``c``, ``b.c`` or ``a.b.c`` (whole dotted
+    suffix). peft itself only complains when *no* target matches; a misspelt entry beside good ones
+    would otherwise be silently ignored.
+    """
+    if isinstance(target_modules, str):
+        raise TypeError(f"target_modules must be a list of module names, got the string {target_modules!r}")
+    names = [n for n, _ in model.named_modules() if n]
+    missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and not list(m.children())})
+        raise ValueError(f"LoRA target module(s) {missing} match no module of {type(model).__name__} "
+                         f"(module names end in e.g. {leaves[:12]})")
+
+
 def add_lora(model: nn.Module, target_modules: Sequence[str], rank: int = 8, alpha: float = 16.0,
-             dropout: float = 0.0, init_lora_weights: bool | str = True) -> nn.Module:
+             dropout: float = 0.0, init_lora_weights: bool | str = True,
+             adapter_dtype: Optional[torch.dtype] = torch.float32) -> nn.Module:
     """Inject two LoRA adapters (``default`` trainable, ``old`` frozen and equal to it) into ``model``.
 
-    Returns the same model (modified in place) with only the ``default`` adapter trainable.
+    Returns the same model (modified in place) with only the ``default`` adapter trainable. The
+    adapters' parameters are kept in ``adapter_dtype`` (float32 by default) whatever the base weights'
+    dtype: bf16 base weights with fp32 trainable LoRA parameters, the pattern of diffusers'
+    ``cast_training_params`` (peft casts each LoRA branch's input to the adapter's dtype and the
+    result back). Every target must match a module (:func:`check_lora_targets`).
     """
     from peft import LoraConfig, inject_adapter_in_model
 
+    check_lora_targets(model, target_modules)
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                      init_lora_weights=init_lora_weights)
     model = inject_adapter_in_model(cfg, model, adapter_name=TRAIN_ADAPTER)
@@ -43,6 +67,8 @@ def add_lora(model: nn.Module, target_modules: Sequence[str], rank: int = 8, alp
         layer.set_adapter(TRAIN_ADAPTER)  # active + trainable: default only
     for name, p in model.named_parameters():
         p.requires_grad_(f".{TRAIN_ADAPTER}." in name)
+        if adapter_dtype is not None and ".lora_" in name and p.dtype != adapter_dtype:
+            p.data = p.data.to(adapter_dtype)
     for old, cur in zip(*adapter_parameter_pairs(model)):
         old.data.copy_(cur.data)
     return model

@@ -106,7 +106,8 @@ class RewardFineTuningModule(OnlineFineTuningMixin):
         rollout_seed: rollout noise of rank ``k`` in round ``e`` comes from a generator seeded by
             ``(rollout_seed, k, e)``, and the loss noise of step ``s`` from ``(rollout_seed, k, e, s)``.
         predict_samples, predict_seed, predict_batch_size, predict_policy: what ``predict`` samples.
-        default_callbacks: add ``OnlineRollout`` and ``EMAOldPolicy`` when the trainer lacks them.
+        default_callbacks: add ``OnlineRollout`` and ``EMAOldPolicy`` when the trainer lacks them (and
+            ``CheckpointOnRewardFailure`` when the reward scores remotely).
         step_metrics: ``True`` logs ``train/loss`` and the objective's diagnostics at every gradient
             step; ``False`` (default) logs their round means once per round, under the same names
             (a ``self.log`` costs a fixed ~0.1-0.5 ms on CPU; ``benchmarks/nft_overhead.py``).
@@ -124,6 +125,10 @@ class RewardFineTuningModule(OnlineFineTuningMixin):
     group-centred normalisation and a zero learning rate are refused; a backbone or reward that records
     another sample shape is refused; one velocity evaluation and one reward call on two samples of
     ``sample_shape`` must give a velocity of the samples' shape and one reward per sample.
+        score_chunks: sample each round in this many chunks of whole groups and score chunk ``k`` while
+            chunk ``k + 1`` is sampled, hiding a slow (remote) scorer behind sampling; 1 (default): sample
+            then score. Worth it where sampling a chunk costs about its share of the whole batch (GPU);
+            on small CPU models the per-call overhead of chunks eats the gain (``benchmarks/reward_overlap.py``).
     """
 
     def __init__(
@@ -153,6 +158,7 @@ class RewardFineTuningModule(OnlineFineTuningMixin):
         step_metrics: bool = False,
         nonfinite_rewards: NonFinitePolicy = "raise",
         fsdp_blocks: Sequence[str] = (),
+        score_chunks: int = 1,
     ) -> None:
         super().__init__()
         if isinstance(lora, dict):  # as stored in checkpoints' hyper-parameters (load_from_checkpoint)
@@ -167,7 +173,7 @@ class RewardFineTuningModule(OnlineFineTuningMixin):
             backbone, reward, objective, sample_shape, condition_sampler=condition_sampler,
             groups_per_round=groups_per_round, group_size=group_size, steps_per_round=steps_per_round,
             minibatch_size=minibatch_size, solver=solver, n_sample_steps=n_sample_steps, time_shift=time_shift,
-            normalizer=normalizer, rollout_seed=rollout_seed, step_metrics=step_metrics,
+            normalizer=normalizer, rollout_seed=rollout_seed, step_metrics=step_metrics, score_chunks=score_chunks,
             nonfinite_rewards=nonfinite_rewards, fsdp_blocks=fsdp_blocks,
         )
         self.optimizer_factory = optimizer
@@ -182,12 +188,15 @@ class RewardFineTuningModule(OnlineFineTuningMixin):
     def configure_callbacks(self) -> list[Callback]:
         if not self.default_callbacks:
             return []
-        from lightning_nft.callbacks import EMAOldPolicy, OnlineRollout
+        from lightning_nft.callbacks import CheckpointOnRewardFailure, EMAOldPolicy, OnlineRollout
+        from lightning_nft.rewards.remote import RemoteReward
 
         present = self.trainer.callbacks if self._trainer is not None else []
         wanted = [OnlineRollout]
         if self.objective.needs_old_policy:
             wanted.append(EMAOldPolicy)
+        if isinstance(self.reward, torch.nn.Module) and any(isinstance(m, RemoteReward) for m in self.reward.modules()):
+            wanted.append(CheckpointOnRewardFailure)  # a scorer that stays down: checkpoint, then stop
         missing = [cls for cls in wanted if not any(isinstance(c, cls) for c in present)]
         return [EMAOldPolicy(decay=self.objective.default_ema_decay) if cls is EMAOldPolicy else cls() for cls in missing]
 

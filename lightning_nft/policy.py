@@ -50,6 +50,7 @@ from lightning_nft.rewards.validation import (
     nonfinite_reward_mask,
     reward_vector,
 )
+from lightning_nft.rewards.async_scoring import rollout_and_score
 from lightning_nft.rollouts import RolloutBatch
 from lightning_nft.samplers import EulerSolver, SampleOutput, Solver, time_grid
 from lightning_nft.sharding import reshard, shard_policies
@@ -234,6 +235,7 @@ class OnlineFineTuningMixin(pl.LightningModule):
         step_metrics: bool = False,
         nonfinite_rewards: str = "raise",
         fsdp_blocks: Sequence[str] = (),
+        score_chunks: int = 1,
     ) -> None:
         """Set up the policies and the round's settings (arguments as in
         :class:`~lightning_nft.module.RewardFineTuningModule`). ``network`` may already be a submodule
@@ -280,6 +282,9 @@ class OnlineFineTuningMixin(pl.LightningModule):
         self._last_finite_loss: Optional[float] = None
         self.rollout_seed = int(rollout_seed)
         self.step_metrics = bool(step_metrics)
+        if int(score_chunks) < 1:
+            raise ValueError(f"score_chunks must be positive, got {score_chunks}")
+        self.score_chunks = int(score_chunks)
         self.kl_weight = 0.0
         self.rollouts: Optional[RolloutBatch] = None
         self.rollout_version = 0
@@ -418,6 +423,8 @@ class OnlineFineTuningMixin(pl.LightningModule):
         Conditions and noise come from :func:`round_generator` of ``(rollout_seed, rank, round,
         substep)``; rewards and group ids are gathered from every rank before ``normalizer`` (group means
         per condition, a global std), and this rank keeps its slice. Group ids are unique across ranks.
+        With ``score_chunks = C > 1`` the round is sampled in ``C`` chunks of whole groups and chunk ``k``
+        is scored while chunk ``k + 1`` is sampled (:func:`~lightning_nft.rewards.async_scoring.rollout_and_score`).
         """
         P, K = self.groups_per_round, self.group_size
         rank = self.global_rank
@@ -425,8 +432,9 @@ class OnlineFineTuningMixin(pl.LightningModule):
         g = round_generator(self.rollout_seed, rank, round_index, substep)
         cond = repeat_condition(self.sample_conditions(P, g), K)
         x0 = torch.randn((P * K, *self.sample_shape), generator=g).to(self.device)
-        out = self.rollout(x0, cond, g)
-        rewards = self.compute_rewards(out.samples, cond)
+        # score_chunks > 1: chunk k is scored (a thread) while chunk k + 1 is sampled
+        out, rewards = rollout_and_score(self.rollout, self.compute_rewards, x0, cond, g, K,
+                                         getattr(self, "score_chunks", 1))
         group = (rank * P + torch.arange(P, device=rewards.device)).repeat_interleave(K)
         if world > 1:
             all_rewards, all_group = self.all_gather(rewards).reshape(-1), self.all_gather(group).reshape(-1)
