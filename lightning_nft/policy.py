@@ -571,10 +571,13 @@ class OnlineFineTuningMixin(pl.LightningModule):
     def check_settings(self) -> None:
         """Before round 0: recorded sample shapes, one velocity evaluation and one reward call on a tiny batch."""
         network = self.policy_network
-        check_declared_sample_shapes(self.sample_shape, backbone=network, reward=self.reward)
+        # the reward sees samples as they are only when compute_rewards does not decode them first
+        plain_rewards = type(self).compute_rewards is OnlineFineTuningMixin.compute_rewards
+        parts = {"backbone": network, **({"reward": self.reward} if plain_rewards else {})}
+        check_declared_sample_shapes(self.sample_shape, **parts)
         g = torch.Generator().manual_seed(0)
         cond = repeat_condition(self.sample_conditions(1, g), 2)
-        check_forward_and_reward(self.velocity, self.reward, self.sample_shape, cond,
+        check_forward_and_reward(self.velocity, self.compute_rewards, self.sample_shape, cond,
                                  backbone_name=type(network).__name__, reward_name=type(self.reward).__name__,
                                  device=self.device)
 
