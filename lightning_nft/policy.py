@@ -577,7 +577,9 @@ class OnlineFineTuningMixin(pl.LightningModule):
         check_declared_sample_shapes(self.sample_shape, **parts)
         g = torch.Generator().manual_seed(0)
         cond = repeat_condition(self.sample_conditions(1, g), 2)
-        check_forward_and_reward(self.velocity, self.compute_rewards, self.sample_shape, cond,
+        # rewards that opt out (``check_at_startup = False``, e.g. a remote scorer) get a forward pass only
+        reward = self.compute_rewards if getattr(self.reward, "check_at_startup", True) else _one_per_sample
+        check_forward_and_reward(self.velocity, reward, self.sample_shape, cond,
                                  backbone_name=type(network).__name__, reward_name=type(self.reward).__name__,
                                  device=self.device)
 
@@ -608,6 +610,11 @@ class OnlineFineTuningMixin(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         self.rollout_version = int(checkpoint.get("lightning_nft", {}).get("rollout_version", 0))
+
+
+def _one_per_sample(samples: Tensor, cond: Any = None) -> Tensor:
+    """A stand-in reward for the start-up check of rewards that are not called there."""
+    return torch.zeros(samples.shape[0])
 
 
 def _frozen_copy(module: nn.Module) -> nn.Module:
