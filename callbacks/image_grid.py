@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -36,6 +36,9 @@ class ImageGrid(Callback):
     the end of fit; ``before_after.png`` in the run directory (``trainer.default_root_dir``, or
     ``output_dir``) shows the first grid on the left and the last on the right. Images are
     ``(B, C, H, W)`` in ``[-1, 1]``.
+
+    The "before" grid is checkpointed: a resumed run keeps the picture of the model before round 0
+    instead of drawing the resumed model as "before".
     """
 
     contract_members = SAMPLING_MEMBERS
@@ -47,6 +50,7 @@ class ImageGrid(Callback):
         self.filename, self.output_dir = filename, output_dir
         self.before: Optional[Tensor] = None
         self.after: Optional[Tensor] = None
+        self._restored = False
 
     def _grid(self, pl_module: pl.LightningModule) -> Tensor:
         samples, _ = fixed_noise_samples(pl_module, self.n_images, self.seed)
@@ -58,7 +62,8 @@ class ImageGrid(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero:
+        restored, self._restored = self._restored, False
+        if trainer.is_global_zero and not (restored and self.before is not None):
             self.before = self._grid(pl_module)
             self._log(trainer, self.before, "samples/before")
 
@@ -80,6 +85,13 @@ class ImageGrid(Callback):
         out_dir = self.output_dir or run_directory(trainer)
         os.makedirs(out_dir, exist_ok=True)
         save_image(torch.cat([before, gap, self.after], dim=2), os.path.join(out_dir, self.filename))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"before": self.before}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.before = state_dict.get("before")
+        self._restored = True
 
     def _log(self, trainer: pl.Trainer, grid: Tensor, tag: str) -> None:
         for logger in trainer.loggers:

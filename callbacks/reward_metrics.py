@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -44,7 +44,8 @@ class RewardMetrics(Callback):
     (:func:`~lightning_nft.advantages.tied_group_fraction`; DiffusionNFT logs this as a zero-std ratio).
 
     The reward mean is also shown in the progress bar. Reads the module's ``rollouts`` (the round's
-    :class:`~lightning_nft.rollouts.RolloutBatch`) once per ``rollout_version``.
+    :class:`~lightning_nft.rollouts.RolloutBatch`) once per ``rollout_version``. :attr:`history`
+    (one dict of the logged values per round) is checkpointed and continues on resume.
     """
 
     contract_members = ("rollouts", "rollout_version")
@@ -56,6 +57,12 @@ class RewardMetrics(Callback):
         self.prog_bar = prog_bar
         self._seen_version = -1
         self.history: list[dict[str, float]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [dict(row) for row in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(row) for row in state_dict.get("history", [])]
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

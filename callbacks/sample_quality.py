@@ -27,7 +27,8 @@ class SampleQuality(Callback):
     ``reference`` image set is given, ``quality/fid`` (clean-fid's Fréchet distance on those
     features) and ``quality/reference_diversity`` (the same diversity measured on the reference).
     At the end of fit it writes ``reward_vs_diversity.png`` to the run directory; :attr:`history`
-    keeps one dict per evaluation (round ``-1`` is the model before training).
+    keeps one dict per evaluation (round ``-1`` is the model before training); it is checkpointed, so a
+    resumed run continues the history (and its plot) instead of starting a new one.
 
     Args:
         feature_extractor: ``nn.Module`` mapping samples ``(B, *S)`` to features ``(B, D)``.
@@ -48,6 +49,14 @@ class SampleQuality(Callback):
         self.fid = FrechetDistanceMetric()
         self.reference_diversity: Optional[float] = None
         self.history: list[dict[str, float]] = []
+        self._restored = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [dict(row) for row in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(row) for row in state_dict.get("history", [])]
+        self._restored = True
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -83,6 +92,9 @@ class SampleQuality(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        restored, self._restored = self._restored, False
+        if restored and self.history:
+            return  # resumed: the history (with the model before training) came from the checkpoint
         self.history = []
         self.evaluate(trainer, pl_module)
 

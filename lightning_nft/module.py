@@ -39,8 +39,9 @@ from lightning_nft.data.noise import NoiseDataset
 from lightning_nft.lora import add_lora
 from lightning_nft.objectives.base import Objective
 from lightning_nft.policy import ConditionSampler, GuidancePlace, OnlineFineTuningMixin, PolicyRole
-from lightning_nft.rewards.base import Reward
+from lightning_nft.rewards.validation import NonFinitePolicy
 from lightning_nft.samplers import Solver
+from lightning_nft.startup_checks import check_learning_rates
 
 
 @runtime_checkable
@@ -52,6 +53,15 @@ class VelocityField(Protocol):
     """
 
     def forward(self, x, t, cond=None): ...  # noqa: ANN001, ANN201
+
+
+class RewardModel(Protocol):
+    """A reward ``forward(samples (B, *S), cond=None) -> (B,)`` (a :class:`~lightning_nft.rewards.Reward`).
+
+    A protocol for the same reason as :class:`VelocityField`: ``--help`` then lists no subclasses.
+    """
+
+    def forward(self, samples, cond=None): ...  # noqa: ANN001, ANN201
 
 
 @dataclass
@@ -86,7 +96,7 @@ class RewardFineTuningModule(PromptEvaluationMixin, OnlineFineTuningMixin):
 
     Args:
         backbone: velocity field ``forward(x (B, *S), t (B,), cond) -> (B, *S)``.
-        reward: a :class:`~lightning_nft.rewards.Reward` (one float per sample).
+        reward: one float per sample.
         objective: what a minibatch of rollouts costs (NFT, Adjoint Matching, GRPO).
         sample_shape: the shape ``S`` of one sample, e.g. ``[2]`` or ``[1, 8, 8]``.
         condition_sampler: ``callable(n_groups, generator) -> cond`` (``None``: unconditional).
@@ -98,13 +108,15 @@ class RewardFineTuningModule(PromptEvaluationMixin, OnlineFineTuningMixin):
         normalizer: raw rewards -> advantages and ``r`` (default ``RewardNormalizer()``).
         optimizer: ``params -> Optimizer`` (default AdamW, lr 1e-4).
         lr_scheduler: optional ``optimizer -> LRScheduler``, stepped every optimiser step.
-        lora: LoRA adapters, a ``LoraSettings`` or its dict (reference = adapters off, old = 2nd adapter).
-        rollout_seed: seed of the rollout and loss noise (per rank, round and step; see below).
+        lora: LoRA adapters (reference = adapters off, old = 2nd adapter).
+        rollout_seed: seed of the rollout and loss noise (see below).
         predict_samples, predict_seed, predict_batch_size, predict_policy: what ``predict`` samples.
-        default_callbacks: add the missing default callbacks (see below).
-        step_metrics: log at every gradient step instead of once per round (see below).
+        default_callbacks: add missing defaults (see below).
+        step_metrics: log every step, not per round (see below).
+        nonfinite_rewards: what a NaN/inf reward does (see below).
+        fsdp_blocks: submodule classes sharded as own FSDP2 units.
         score_chunks: score chunk ``k`` while chunk ``k + 1`` is sampled (see below); 1: no overlap.
-        decoder: latents -> pixels in ``[-1, 1]`` before rewards, grids, metrics, evaluation, predict.
+        decoder: latents -> pixels in ``[-1, 1]`` (see below).
         guidance_scale, guidance: classifier-free guidance scale ``w`` and where it applies: ``"rollouts"``,
             ``"evaluation"``, ``"both"`` or ``"neither"`` (see :class:`~lightning_nft.policy.OnlineFineTuningMixin`).
         eval_images_per_prompt, eval_seed, eval_prompts_per_batch: ``validate``/``test`` on prompt splits
@@ -124,12 +136,27 @@ class RewardFineTuningModule(PromptEvaluationMixin, OnlineFineTuningMixin):
       while chunk ``k + 1`` is sampled, hiding a slow (remote) scorer behind sampling. Worth it where
       sampling a chunk costs about its share of the whole batch (GPU); on small CPU models the per-call
       overhead of chunks eats the gain (``benchmarks/reward_overlap.py``).
+    * ``decoder``: applied before rewards, grids, metrics, evaluation and predict.
+    * ``nonfinite_rewards``: what a NaN/inf reward does (``lightning_nft.rewards.validation``): ``"raise"``
+      stops naming the reward class and round; ``"drop_sample"`` / ``"drop_group"`` leave the sample / its
+      whole group out of the round, counted and logged (``reward/nonfinite``, ``reward/dropped_samples``,
+      ``reward/dropped_groups``). Non-finite *samples* or losses always stop the run, blamed on the policy
+      with the round, the step and the last finite loss; a non-finite loss is caught before the optimiser
+      step and the last good state is saved next to the checkpoints.
+    * ``fsdp_blocks``: class names of submodules sharded as their own FSDP2 units under
+      ``ModelParallelStrategy`` (e.g. ``["JointTransformerBlock"]``); the rest of each network is one unit.
+      Trained, old and reference networks are sharded alike (``lightning_nft.sharding``).
+
+    Start-up checks (before round 0, ``lightning_nft.startup_checks``): ``group_size: 1`` with a
+    group-centred normalisation and a zero learning rate are refused; a backbone or reward that records
+    another sample shape is refused; one velocity evaluation and one reward call on two samples of
+    ``sample_shape`` must give a velocity of the samples' shape and one reward per sample.
     """
 
     def __init__(
         self,
         backbone: VelocityField,
-        reward: Reward,
+        reward: RewardModel,
         objective: Objective,
         sample_shape: Sequence[int] = (2,),
         condition_sampler: Optional[ConditionSampler] = None,
@@ -151,6 +178,8 @@ class RewardFineTuningModule(PromptEvaluationMixin, OnlineFineTuningMixin):
         predict_policy: PolicyRole = "current",
         default_callbacks: bool = True,
         step_metrics: bool = False,
+        nonfinite_rewards: NonFinitePolicy = "raise",
+        fsdp_blocks: Sequence[str] = (),
         score_chunks: int = 1,
         decoder: Optional[Decoder] = None,
         guidance_scale: float = 1.0,
@@ -174,6 +203,7 @@ class RewardFineTuningModule(PromptEvaluationMixin, OnlineFineTuningMixin):
             minibatch_size=minibatch_size, solver=solver, n_sample_steps=n_sample_steps, time_shift=time_shift,
             normalizer=normalizer, rollout_seed=rollout_seed, step_metrics=step_metrics, score_chunks=score_chunks,
             decoder=decoder, guidance_scale=guidance_scale, guidance=guidance,
+            nonfinite_rewards=nonfinite_rewards, fsdp_blocks=fsdp_blocks,
         )
         self.eval_images_per_prompt, self.eval_seed = int(eval_images_per_prompt), int(eval_seed)
         self.eval_prompts_per_batch = int(eval_prompts_per_batch)
@@ -229,6 +259,7 @@ class RewardFineTuningModule(PromptEvaluationMixin, OnlineFineTuningMixin):
         if not params:
             raise ValueError("the backbone has no trainable parameters")
         opt = self.optimizer_factory(params)
+        check_learning_rates([opt])
         if self.lr_scheduler_factory is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}

@@ -45,9 +45,22 @@ from lightning_nft.compute import ComputeLedger
 from lightning_nft.conditions import condition_to, metadata_of, network_input, repeat_condition
 from lightning_nft.guidance import guided_velocity
 from lightning_nft.lora import OLD_ADAPTER, active_adapter, adapter_parameter_pairs, adapters_disabled, has_lora
+from lightning_nft.rewards.validation import (
+    NONFINITE_POLICIES,
+    check_finite_loss,
+    check_finite_samples,
+    nonfinite_reward_mask,
+    reward_vector,
+)
 from lightning_nft.rewards.async_scoring import rollout_and_score
 from lightning_nft.rollouts import RolloutBatch
 from lightning_nft.samplers import EulerSolver, SampleOutput, Solver, time_grid
+from lightning_nft.sharding import reshard, shard_policies
+from lightning_nft.startup_checks import (
+    check_declared_sample_shapes,
+    check_forward_and_reward,
+    check_group_size,
+)
 
 VelocityFn = Callable[[Tensor, Tensor, Any], Tensor]
 PolicyRole = Literal["current", "old", "reference"]
@@ -238,6 +251,8 @@ class OnlineFineTuningMixin(pl.LightningModule):
         normalizer: Optional["Normalizer"] = None,
         rollout_seed: int = 0,
         step_metrics: bool = False,
+        nonfinite_rewards: str = "raise",
+        fsdp_blocks: Sequence[str] = (),
         score_chunks: int = 1,
         decoder: Optional[nn.Module] = None,
         guidance_scale: float = 1.0,
@@ -280,6 +295,12 @@ class OnlineFineTuningMixin(pl.LightningModule):
         self.solver = solver
         self.n_sample_steps, self.time_shift = int(n_sample_steps), float(time_shift)
         self.normalizer = normalizer if normalizer is not None else RewardNormalizer()
+        check_group_size(self.group_size, self.normalizer)
+        if nonfinite_rewards not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite_rewards must be one of {NONFINITE_POLICIES}; got {nonfinite_rewards!r}")
+        self.nonfinite_rewards = nonfinite_rewards
+        self.fsdp_blocks = tuple(fsdp_blocks)
+        self._last_finite_loss: Optional[float] = None
         self.rollout_seed = int(rollout_seed)
         self.step_metrics = bool(step_metrics)
         if int(score_chunks) < 1:
@@ -429,6 +450,7 @@ class OnlineFineTuningMixin(pl.LightningModule):
     @torch.no_grad()
     def update_old_policy(self, decay: float) -> None:
         """``old <- decay * old + (1 - decay) * current`` with ``torch._foreach_lerp_`` (works on shards)."""
+        reshard(self)  # under FSDP2: every parameter back on its shard (lerp shard by shard, no gathering)
         old, cur = self.old_policy_pairs()
         if old:
             torch._foreach_lerp_(old, cur, 1.0 - float(decay))
@@ -436,9 +458,11 @@ class OnlineFineTuningMixin(pl.LightningModule):
     @torch.no_grad()
     def snapshot_reference(self) -> None:
         """``reference <- current`` (full fine-tuning; a no-op with LoRA)."""
+        reshard(self)
         ref, cur = self.reference_pairs()
-        if ref:
-            torch._foreach_copy_(ref, cur)
+        if ref:  # copy_ per tensor: DTensor shards (FSDP2) have no _foreach_copy_ rule
+            for r, c in zip(ref, cur):
+                r.copy_(c)
 
     # ------------------------------------------------------------------ rollouts
     @property
@@ -460,15 +484,19 @@ class OnlineFineTuningMixin(pl.LightningModule):
 
     @torch.no_grad()
     def compute_rewards(self, x1: Tensor, cond: Any) -> Tensor:
-        """Raw rewards ``(N,)`` of the decoded samples; non-finite values raise, naming the sample."""
-        from lightning_nft.rewards.base import check_finite_rewards
+        """Raw rewards ``(N,)`` of the decoded samples ``x1 (N, *S)``; may hold NaN/inf (see :meth:`collect_rollouts`).
 
+        Non-finite *samples* raise :class:`~lightning_nft.rewards.validation.PolicyDivergedError` before the
+        reward is called (the policy diverged, not the reward); the reward's output must be one value per
+        sample (``rewards.validation.reward_vector``: numpy and lists converted, other shapes refused).
+        """
+        round_index = self.current_epoch if self._trainer is not None else None
+        step = self.global_step if self._trainer is not None else None
+        check_finite_samples(x1, policy=f"the {getattr(self.objective, 'sampling_policy', 'sampling')} policy",
+                             round_index=round_index, step=step, last_finite_loss=self._last_finite_loss)
         metadata_of(cond, x1.shape[0])  # conditions and samples must have the same rows
-        rewards = self.decoded_reward(x1, cond).detach().float().reshape(-1)
-        if rewards.shape[0] != x1.shape[0]:
-            raise ValueError(f"reward returned {rewards.shape[0]} values for {x1.shape[0]} samples")
-        check_finite_rewards(rewards)
-        return rewards
+        rewards = reward_vector(self.decoded_reward(x1, cond), x1.shape[0], source=type(self.reward).__name__)
+        return rewards.detach().float().to(x1.device)
 
     @torch.no_grad()
     def collect_rollouts(self, round_index: int, substep: int = 0) -> RolloutBatch:
@@ -495,15 +523,30 @@ class OnlineFineTuningMixin(pl.LightningModule):
         # a per-prompt normaliser (PromptStatTracker) groups by prompt id, across rounds and ranks
         by = self._prompt_ids(cond).to(rewards.device) if getattr(self.normalizer, "per_prompt", False) else group
         if world > 1:
-            all_rewards, all_by = self.all_gather(rewards).reshape(-1), self.all_gather(by).reshape(-1)
+            all_rewards, all_by, all_group = (self.all_gather(v).reshape(-1) for v in (rewards, by, group))
         else:
-            all_rewards, all_by = rewards, by
-        adv, r = self.normalizer(all_rewards, all_by)
+            all_rewards, all_by, all_group = rewards, by, group
+        # the non-finite reward policy sees every rank's rewards and group ids, like the normaliser
+        kept = nonfinite_reward_mask(all_rewards, all_group, self.nonfinite_rewards, source=type(self.reward).__name__,
+                                     round_index=round_index)
+        adv = torch.zeros_like(all_rewards)
+        r = torch.full_like(all_rewards, 0.5)
+        adv_kept, r_kept = self.normalizer(all_rewards[kept.keep], all_by[kept.keep])
+        adv[kept.keep], r[kept.keep] = adv_kept.to(adv), r_kept.to(r)
         mine = slice(rank * P * K, (rank + 1) * P * K) if world > 1 else slice(None)
         batch = RolloutBatch(
             x1=out.samples, rewards=rewards, advantages=adv[mine].to(rewards), r=r[mine].to(rewards), group=group,
             cond=cond, x0=x0, trajectory=out.trajectory, times=out.times, log_probs=out.log_probs,
         )
+        if kept.nonfinite:
+            keep_mine = kept.keep[mine].nonzero().reshape(-1)
+            if keep_mine.numel() == 0:
+                raise ValueError(f"{type(self.reward).__name__}: every reward of rank {rank} in round {round_index} is "
+                                 f"dropped by nonfinite_rewards={self.nonfinite_rewards!r}; nothing to train on")
+            batch = batch.index(keep_mine)
+        if self.nonfinite_rewards != "raise" and self._trainer is not None:
+            self.log_dict({"reward/nonfinite": float(kept.nonfinite), "reward/dropped_samples": float(kept.dropped_samples),
+                           "reward/dropped_groups": float(kept.dropped_groups)}, on_step=False, on_epoch=True)
         self.set_rollouts(batch, generator=g)
         return batch
 
@@ -571,6 +614,7 @@ class OnlineFineTuningMixin(pl.LightningModule):
     @override
     def on_fit_start(self) -> None:
         super().on_fit_start()
+        self.check_settings()
         if self.trainer.ckpt_path is None:  # resuming: the checkpoint restored both
             self.update_old_policy(0.0)
             self.snapshot_reference()
@@ -597,6 +641,7 @@ class OnlineFineTuningMixin(pl.LightningModule):
         g = loss_generator(self.rollout_seed, self.global_rank, self.current_epoch, batch_idx)
         with self.compute_ledger.phase("train"):
             loss, logs = self.compute_loss(self.next_minibatch(), g)
+        self._check_loss(loss)
         if self.step_metrics:
             self.log("train/loss", loss, prog_bar=True)
             for k, v in logs.items():
@@ -607,6 +652,48 @@ class OnlineFineTuningMixin(pl.LightningModule):
                 self._round_sums[k] = self._round_sums[k] + v if k in self._round_sums else v
             self._round_steps += 1
         return loss
+
+    def _check_loss(self, loss: Tensor) -> None:
+        """Stop on a non-finite loss before the optimiser step; save the last good state first (one process)."""
+        try:
+            check_finite_loss(loss, round_index=self.current_epoch, step=self.global_step,
+                              last_finite_loss=self._last_finite_loss)
+        except Exception as err:
+            if self._trainer is not None and self.trainer.world_size == 1:
+                import os
+
+                path = os.path.join(str(self.trainer.default_root_dir), "checkpoints",
+                                    f"last-good-round{self.current_epoch:04d}-step{self.global_step}.ckpt")
+                self.trainer.save_checkpoint(path)  # the weights before this step: still finite
+                raise type(err)(f"{err}. The last good state is saved in {path}") from None
+            raise
+        self._last_finite_loss = float(loss.detach())
+
+    # ------------------------------------------------------------------ start-up checks and sharding
+    def check_settings(self) -> None:
+        """Before round 0: recorded sample shapes, one velocity evaluation and one reward call on a tiny batch."""
+        network = self.policy_network
+        # the reward sees samples as they are only when compute_rewards does not decode them first
+        plain_rewards = type(self).compute_rewards is OnlineFineTuningMixin.compute_rewards
+        parts = {"backbone": network, **({"reward": self.reward} if plain_rewards else {})}
+        check_declared_sample_shapes(self.sample_shape, **parts)
+        g = torch.Generator().manual_seed(0)
+        cond = repeat_condition(self.sample_conditions(1, g), 2)
+        # rewards that opt out (``check_at_startup = False``, e.g. a remote scorer) get a forward pass only
+        reward = self.compute_rewards if getattr(self.reward, "check_at_startup", True) else _one_per_sample
+        check_forward_and_reward(self.velocity, reward, self.sample_shape, cond,
+                                 backbone_name=type(network).__name__, reward_name=type(self.reward).__name__,
+                                 device=self.device)
+
+    @override
+    def configure_model(self) -> None:
+        """Under FSDP2 (``ModelParallelStrategy``): shard the trained, old and reference networks alike
+        (``lightning_nft.sharding``); a no-op for every other strategy."""
+        super().configure_model()
+        mesh = self.device_mesh
+        if mesh is not None and "data_parallel" in (mesh.mesh_dim_names or ()):
+            shard_policies((self.policy_network, self.old_backbone, self.reference_backbone), mesh["data_parallel"],
+                           self.fsdp_blocks)
 
     @override
     def on_train_epoch_end(self) -> None:
@@ -644,6 +731,11 @@ class OnlineFineTuningMixin(pl.LightningModule):
         self._images_at_round_start = self.compute_ledger.images
         if state.get("normalizer") is not None and hasattr(self.normalizer, "load_state_dict"):
             self.normalizer.load_state_dict(state["normalizer"])
+
+
+def _one_per_sample(samples: Tensor, cond: Any = None) -> Tensor:
+    """A stand-in reward for the start-up check of rewards that are not called there."""
+    return torch.zeros(samples.shape[0])
 
 
 def _frozen_copy(module: nn.Module) -> nn.Module:

@@ -2,7 +2,10 @@
 
 A file holds the module's ``state_dict`` (float tensors, contiguous) and string metadata; the
 architecture's constructor arguments go in ``metadata["config"]`` as JSON so a loader can rebuild
-the module without pickles. Package data is read through :mod:`importlib.resources`.
+the module without pickles. The shape of one sample the module was trained on goes in
+``metadata["sample_shape"]`` (JSON list) when known, and a loaded module gets it back as its
+``sample_shape`` attribute, so that a fine-tuning run on another shape is refused at start-up
+(``lightning_nft.startup_checks``). Package data is read through :mod:`importlib.resources`.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import json
 import os
 from contextlib import nullcontext
 from importlib import resources
-from typing import Any, Dict, Optional, Tuple, Type, TypeVar
+from typing import Any, Dict, Optional, Sequence, Tuple, Type, TypeVar
 
 import lightning.pytorch as pl
 from torch import Tensor, nn
@@ -20,8 +23,13 @@ from typing_extensions import override
 M = TypeVar("M", bound=nn.Module)
 
 
-def save_module_safetensors(module: nn.Module, path: str, metadata: Optional[Dict[str, Any]] = None) -> str:
-    """Write ``module.state_dict()`` to ``path``; ``module.config()`` (if defined) goes to ``metadata["config"]``."""
+SAMPLE_SHAPE_KEY = "sample_shape"
+
+
+def save_module_safetensors(module: nn.Module, path: str, metadata: Optional[Dict[str, Any]] = None,
+                            sample_shape: Optional[Sequence[int]] = None) -> str:
+    """Write ``module.state_dict()`` to ``path``; ``module.config()`` (if defined) goes to ``metadata["config"]``,
+    ``sample_shape`` (default: ``module.sample_shape`` if set) to ``metadata["sample_shape"]``."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
@@ -29,6 +37,9 @@ def save_module_safetensors(module: nn.Module, path: str, metadata: Optional[Dic
     if hasattr(module, "config") and callable(module.config):
         meta["config"] = json.dumps(module.config())
     meta.setdefault("class", type(module).__name__)
+    sample_shape = sample_shape if sample_shape is not None else getattr(module, SAMPLE_SHAPE_KEY, None)
+    if sample_shape is not None:
+        meta[SAMPLE_SHAPE_KEY] = json.dumps([int(s) for s in sample_shape])
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, path, metadata=meta)
@@ -58,11 +69,14 @@ def load_module_safetensors(cls: Type[M], path: Optional[str] = None, asset: Opt
                             device: Optional[Any] = None, freeze: bool = False) -> M:
     """Rebuild ``cls(**metadata config)`` from a file or package asset, load its weights, return it in eval mode.
 
-    ``freeze=True`` also turns off ``requires_grad``; ``device`` moves it.
+    ``freeze=True`` also turns off ``requires_grad``; ``device`` moves it. A recorded sample shape becomes
+    the module's ``sample_shape`` attribute.
     """
     tensors, metadata = read_safetensors(path=path, asset=None if path else asset)
     net = cls(**config_from_metadata(metadata))
     net.load_state_dict(tensors)
+    if SAMPLE_SHAPE_KEY in metadata:
+        net.sample_shape = tuple(json.loads(metadata[SAMPLE_SHAPE_KEY]))
     net.eval()
     if freeze:
         net.requires_grad_(False)
@@ -97,5 +111,6 @@ class ExportSafetensors(pl.Callback):
                     os.chmod(os.path.join(root, name), 0o644)
         else:
             save_module_safetensors(module, self.path, metadata={"epochs": trainer.current_epoch,
-                                                                 "steps": trainer.global_step})
+                                                                 "steps": trainer.global_step},
+                                    sample_shape=getattr(pl_module, SAMPLE_SHAPE_KEY, None))
         print(f"exported {type(module).__name__} weights to {self.path}")

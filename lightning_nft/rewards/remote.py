@@ -68,6 +68,7 @@ class RemoteReward(Reward):
     """
 
     differentiable = False
+    check_at_startup = False  # no start-up request: each request costs server time and is logged
 
     def __init__(self, endpoints: Union[str, Sequence[str]], timeout: float = 60.0, max_retries: int = 4,
                  backoff: float = 0.5, max_backoff: float = 30.0, jitter: float = 0.5, dead_for: float = 30.0,
