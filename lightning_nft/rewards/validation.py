@@ -1,6 +1,6 @@
 """What a reward may return, what happens to non-finite rewards, and who is blamed for non-finite samples.
 
-A reward returns one float per sample (``../shared/DESIGN.md``, "Rewards"). This module turns what a
+A reward returns one float per sample (higher is better). This module turns what a
 reward actually returned into that ``(B,)`` tensor or refuses it with a message naming the reward
 class and the shape (:func:`reward_vector`), applies the configured policy for NaN / infinite rewards
 (:func:`nonfinite_reward_mask`), and checks samples *before* the reward sees them, so that a
