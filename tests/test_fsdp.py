@@ -24,8 +24,19 @@ ROUNDS = 4
 TOLERANCE = 1e-5  # float32 rounding of the gradient reduction order over 4 rounds of 2 Adam steps
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _launch(strategy: str, out: Path, jobs: list[dict]) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # earlier ddp_spawn tests leave MASTER_PORT in this process's environment; two runs inheriting the same
+    # port collide, so each run gets its own free port
+    env["MASTER_PORT"] = str(_free_port())
     env["PYTHONPATH"] = os.pathsep.join([str(SCRIPT.parents[1]), env.get("PYTHONPATH", "")])
     return subprocess.Popen([sys.executable, str(SCRIPT), "--strategy", strategy, "--out", str(out),
                              "--jobs", json.dumps(jobs)], cwd=out, env=env, stdout=subprocess.PIPE,
