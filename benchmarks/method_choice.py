@@ -55,9 +55,9 @@ Matching, outside the target's comparison, gets one. Nothing was tuned per task 
   ``rsm-early-lr2``: at twice the learning rate.
 * ``am``: Adjoint Matching, differentiable rewards only (digits, t2i): ``configs/digits_adjoint.yaml``
   (``reward_multiplier = 2`` on the log-probability reward, 8 training times, gradient clip 1) set to the
-  task's round; on t2i with the t2i model, LoRA and optimiser and **unguided** rollouts (Adjoint Matching
-  refuses guided ones: the memoryless SDE's tilt needs the model's own field), so a t2i rollout costs it one
-  pass per step where the other arms pay two. It trains on the log-probability and is evaluated on the task
+  task's round; on t2i with the t2i model, LoRA and optimiser and **unguided** rollouts (the module refuses
+  guided rollouts for Adjoint Matching), so a t2i rollout costs it one pass per step where the other arms
+  pay two. It trains on the log-probability and is evaluated on the task
   reward.
 
 Outputs: a table on stdout, ``benchmarks/out/<tag>.{json,png}`` (per-round rows with the ledger).
@@ -135,13 +135,14 @@ cheaper: close to the target on two tasks, not on JPEG. The reasons:
 * Plain Flow-GRPO trains on all 10 transitions of every trajectory (6400-12800 forward-equivalents per round),
   so it loses in compute although it needs the fewest images. One-step branching (RSM) trains one transition
   per sample: its round costs about NFT's (3584 on digits, 1792 on t2i), and with the budget on the low-SNR
-  steps it needs fewer rounds (digits 12 vs 13-15, JPEG 8-9 vs 13, t2i 8 vs 26).
+  steps it needs fewer rounds (digits 12 vs 13-15, JPEG 8-9 vs 13-16, t2i 8 vs 26).
 * On t2i, Adjoint Matching (differentiable reward, unguided rollouts at half the rollout cost) was the cheapest
   arm of all: 3 rounds, 12.5k. NFT's rounds there learn slowly (26 rounds; the EMA ramp 34, twice the
   learning rate 69: the LoRA rate 3e-3 is already high), which is where the 0.36x comes from.
 * The EMA ramp to 0.9 (``nft-ema``) needed more compute than the hard copy on every task (digits and JPEG: not
   reached within the caps; t2i 52.2k vs 39.9k), yet the shipped NFT configs keep it, because the shipped runs
-  are longer than a crossing and were measured with both (their configs' own evaluations, seed 0): the digits
+  are longer than a crossing and were measured with both (``lightning-nft fit`` of each config as shipped and
+  with ``EMAOldPolicy(decay=0.0)`` in place of the ramp; the configs' own evaluations, seed 0): the digits
   main job (150 rounds, KL anchor 0.03) with a hard copy peaks at P(3) 0.99 at round 40, falls to 0.54 at
   round 90 and to 0.00 at round 150 (diversity and FID explode; the ramp ends at 0.986); the JPEG config's 60
   rounds end at reward -0.646 / diversity 25.9 / FID 1175 with a hard copy against -0.693 / 36.5 / 541 with
