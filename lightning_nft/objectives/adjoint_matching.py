@@ -83,6 +83,10 @@ Choices, and the known traps they answer (issue 4)
      target towards ``v_base`` and under-applies the tilt, exactly the failure issue 4 warns about.
 5. **Coarse time grids.** The estimator is first order in ``h`` (table above); the achieved tilt
    after fine-tuning against the number of steps is measured by ``benchmarks/am_tilt_vs_steps.py``.
+   On narrow multimodal bases 40 steps are too coarse: where ``2 h J`` reaches 0.5-0.7 the Euler factor
+   ``1 + 2 h J`` under-weights the growth ``exp(2 int J)``, and with the heavy tail of choice 6 sampled by
+   importance splitting the 40-step target is 6-17 % low at ``t <= 0.5``, the 80-step one within 4 % at
+   ``t <= 0.3`` (``benchmarks/am_target_splitting.py``; ``benchmarks/README.md``).
 6. **Heavy tails on multimodal bases: the bootstrapped adjoint** (issue 14). Along a path that lingers
    between two modes ``J = grad_x v_base`` is large and positive (10-30 on the family of
    ``tests/test_adjoint_matching.py``), so the lean adjoint grows like ``exp(2 int J dt)`` on a few rare

@@ -1,0 +1,167 @@
+"""Adjoint Matching on narrow mixtures: how far the lean-adjoint regression target is from the exact control,
+with and without importance splitting of the paths that cross expanding regions (issue 14).
+
+At the optimum (paths of the exact tilted field's memoryless SDE, ``SDESolver(MemorylessNoise())`` on a uniform
+``T``-step grid), the Adjoint Matching target ``v_base - eta_t a(t)`` has conditional mean ``v*`` for the
+continuous-time lean adjoint. This script measures, at a few grid times ``t``, the least-squares ratio of the
+Monte-Carlo control ``-eta_t a(t)`` to the exact control ``v* - v_base`` (``lightning_nft.analytic``:
+``GaussianMixture.tilt``), 1 = unbiased, over ``B`` paths, and how much it varies between chunks of 512 paths
+(the batch of ``configs/gmm_adjoint.yaml``), for two path ensembles:
+
+* ``plain``: one path per start, as Adjoint Matching samples them;
+* ``split``: the same paths with multilevel importance splitting (H. Kahn and T. E. Harris, "Estimation of
+  particle transmission by random sampling", 1951; P. Glasserman, P. Heidelberger, P. Shahabuddin and T. Zajic,
+  "Multilevel splitting for estimating rare event probabilities", Operations Research 47(4), 1999). Along each
+  path a unit tangent ``z`` is carried forward, ``z <- (I + 2 h J) z / |.|`` with ``J = grad_x v_base`` at the
+  new state (one Jacobian-vector product per step), and the log of the factor is accumulated; whenever the
+  accumulated growth passes ``log split_at`` the path is duplicated (the copy continues with fresh noise from
+  the current state), both copies carry half the weight and ``log 2`` is taken off their growth. The decision
+  uses the path's past only, so the weighted ensemble has the plain ensemble's expectation; rare paths that
+  linger between modes, whose lean adjoint grows like ``exp(2 int J dt)``, are sampled many times with small
+  weights instead of once with a huge value.
+
+Run from the repository root (one thread; about a minute per row with ``--paths 10240``)::
+
+    python benchmarks/am_target_splitting.py                        # problems 5 and 0, T = 40 and 80
+    python benchmarks/am_target_splitting.py --seeds 5 --steps 80 --paths 20480
+
+Problems come from ``tests/test_adjoint_matching.py::random_tilt_problem``. Figures measured are in
+``benchmarks/README.md`` (issue 14).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import pathlib
+import time
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from lightning_nft.objectives.adjoint_matching import lean_adjoint
+from lightning_nft.samplers import MemorylessNoise, SDESolver, Solver, time_grid
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FRACTIONS = (0.1, 0.2, 0.3, 0.5, 0.7)
+
+
+def _load_test_helpers():
+    """The problem family lives with its tests (``tests/test_adjoint_matching.py``)."""
+    spec = importlib.util.spec_from_file_location("_am_tests", ROOT / "tests" / "test_adjoint_matching.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def split_paths(velocity: Callable[..., Tensor], base: Callable[..., Tensor], solver: Solver, trajectory: Tensor,
+                times: Tensor, *, split_at: float = 2.0, max_factor: int = 8,
+                generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Importance-split paths ``trajectory (T+1, B, d)`` sampled by ``solver`` from ``velocity``.
+
+    Returns ``(paths (T+1, N, d), weights (N,), roots (N,))``: the first ``B`` paths are the given ones
+    (possibly with halved weights), the others are copies continued with fresh noise from ``solver``; the
+    weights of each root's paths sum to 1. At most ``max_factor * B`` paths.
+    """
+    n, batch = times.shape[0] - 1, trajectory.shape[1]
+    x = trajectory[0].clone()
+    root = torch.arange(batch)
+    is_given = torch.ones(batch, dtype=torch.bool)
+    weight = torch.ones(batch, dtype=trajectory.dtype)
+    growth = torch.zeros(batch, dtype=trajectory.dtype)
+    z = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    z = z / z.norm(dim=-1, keepdim=True)
+    states, parents = [x], []
+    for k in range(n):
+        t, t_next = times[k], times[k + 1]
+        x_next = torch.empty_like(x)
+        x_next[is_given] = trajectory[k + 1][root[is_given]]
+        if bool((~is_given).any()):
+            with torch.no_grad():
+                x_next[~is_given] = solver.step(velocity, x[~is_given], t, t_next, generator=generator)
+        parent = torch.arange(x_next.shape[0])
+        if k + 1 < n:
+            t_b = t_next.expand(x_next.shape[0])
+            jz = torch.autograd.functional.jvp(lambda y: base(y, t_b), (x_next,), (z,))[1]
+            stretched = z + 2 * (t_next - t) * jz
+            factor = stretched.norm(dim=-1).clamp(min=1e-12)
+            z = stretched / factor[:, None]
+            growth = growth + factor.log()
+            idx = (growth > math.log(split_at)).nonzero().squeeze(1)[: max_factor * batch - x_next.shape[0]]
+            if idx.numel():
+                growth[idx] -= math.log(2.0)
+                weight[idx] /= 2
+                parent = torch.cat([parent, idx])
+                x_next, z, growth = x_next[parent], z[parent], growth[parent]
+                weight, root = weight[parent], root[parent]
+                is_given = torch.cat([is_given, torch.zeros(idx.numel(), dtype=torch.bool)])
+        parents.append(parent)
+        states.append(x_next)
+        x = x_next
+    paths = torch.empty(n + 1, x.shape[0], *trajectory.shape[2:], dtype=trajectory.dtype)
+    index = torch.arange(x.shape[0])
+    for k in range(n, -1, -1):
+        paths[k] = states[k][index]
+        if k > 0:
+            index = parents[k - 1][index]
+    return paths, weight, root
+
+
+def target_ratios(base, direction: Tensor, lam: float, n_steps: int, n_paths: int, split_at: float,
+                  seed: int = 0) -> dict[str, list[tuple[float, float, float, float]]]:
+    """Per ensemble, per time fraction: ``(t, ratio, min and median over chunks of 512 roots)``."""
+    tilted = base.tilt(direction, lam)
+    times = time_grid(n_steps)
+    solver = SDESolver(MemorylessNoise())
+    gen = torch.Generator().manual_seed(seed)
+    out = solver.sample(tilted, torch.randn(n_paths, base.dim, generator=gen), times, generator=gen,
+                        return_trajectory=True)
+    split = split_paths(tilted, base, solver, out.trajectory, times, split_at=split_at, generator=gen)
+    ensembles = {"plain": (out.trajectory, torch.ones(n_paths), torch.arange(n_paths)), "split": split}
+    rows: dict[str, list[tuple[float, float, float, float]]] = {}
+    for name, (paths, weight, root) in ensembles.items():
+        terminal = (-lam * direction).expand(paths.shape[1], -1)  # a(1) = -lam grad r for r = direction . x
+        adjoints, v_base = lean_adjoint(base, paths, times, terminal, return_base_velocity=True)
+        rows[name] = []
+        for frac in FRACTIONS:
+            k = max(1, round(frac * n_steps))
+            t = times[k]
+            with torch.no_grad():
+                control = tilted(paths[k], t.expand(paths.shape[1])) - v_base[k]
+            estimate = -(1 - t) / t * adjoints[k]
+            num = torch.zeros(n_paths).index_add_(0, root, weight * (estimate * control).sum(-1))
+            den = torch.zeros(n_paths).index_add_(0, root, weight * (control * control).sum(-1))
+            chunks = num.view(-1, 512).sum(1) / den.view(-1, 512).sum(1)
+            rows[name].append((float(t), float(num.sum() / den.sum()), float(chunks.min()), float(chunks.median())))
+    rows["paths_per_root"] = [(float(split[0].shape[1]) / n_paths, 0.0, 0.0, 0.0)]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", default="5,0", help="comma-separated problem seeds (random_tilt_problem)")
+    parser.add_argument("--steps", default="40,80", help="comma-separated grid sizes T")
+    parser.add_argument("--paths", type=int, default=10240, help="root paths (a multiple of 512)")
+    parser.add_argument("--split-at", type=float, default=2.0)
+    args = parser.parse_args()
+    if args.paths % 512:
+        parser.error("--paths must be a multiple of 512")
+    torch.set_num_threads(1)
+    helpers = _load_test_helpers()
+    print("ratio of the Monte-Carlo control to the exact one (1 = unbiased); [min, median] over chunks of 512 roots")
+    for seed in (int(s) for s in args.seeds.split(",")):
+        base, direction, lam = helpers.random_tilt_problem(seed)
+        for n_steps in (int(s) for s in args.steps.split(",")):
+            start = time.time()
+            rows = target_ratios(base, direction, lam, n_steps, args.paths, args.split_at)
+            print(f"problem {seed} (K={base.n_components}, std {float(base.stds[0]):.2f}, lambda {lam:.2f}), T={n_steps}, "
+                  f"{rows['paths_per_root'][0][0]:.2f} split paths per root, {time.time() - start:.0f} s")
+            for name in ("plain", "split"):
+                cells = "  ".join(f"t={t:.2f} {r:.2f} [{lo:.2f}, {med:.2f}]" for t, r, lo, med in rows[name])
+                print(f"  {name:<5} {cells}")
+
+
+if __name__ == "__main__":
+    main()
