@@ -17,3 +17,10 @@ def _one_thread():
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture()
+def in_tmp(tmp_path, monkeypatch):
+    """Run the test from an empty temporary folder (CLI runs write ``runs/...`` relative to the working directory)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -21,12 +21,6 @@ def short(rounds: int = 1) -> list[str]:
             "8", "--model.init_args.steps_per_round", "2", "--model.init_args.predict_samples", "16"]
 
 
-@pytest.fixture()
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 def test_root_dir_override_moves_every_output_and_a_used_folder_is_refused(in_tmp):
     main(["fit", "--config", CONFIG, "--trainer.default_root_dir", "runs/other", "--seed_everything", "3", *short()])
     other = in_tmp / "runs" / "other"

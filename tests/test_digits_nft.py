@@ -5,10 +5,8 @@ torch thread (the configs' ``torch_threads: 1``).
 """
 
 import glob
-import os
 from pathlib import Path
 
-import pytest
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -23,13 +21,6 @@ def _scalars(run_dir: Path, tag: str) -> list[float]:
     acc = EventAccumulator(events, size_guidance={"images": 0})
     acc.Reload()
     return [e.value for e in acc.Scalars(tag)], acc
-
-
-@pytest.fixture()
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    yield tmp_path
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
 def test_digits_nft_raises_the_target_probability_and_writes_pictures_and_metrics(in_tmp):

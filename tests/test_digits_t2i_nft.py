@@ -5,7 +5,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -21,13 +20,6 @@ def _scalars(version_dir: str) -> dict[str, list[float]]:
     acc = EventAccumulator(events, size_guidance={"images": 0})
     acc.Reload()
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}, acc
-
-
-@pytest.fixture()
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    yield tmp_path
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
 def test_short_t2i_run_raises_alignment_on_trained_and_heldout_prompts(in_tmp):
