@@ -32,9 +32,9 @@ Problems come from ``tests/test_adjoint_matching.py::random_tilt_problem``. Figu
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import pathlib
+import sys
 import time
 from typing import Callable, Optional
 
@@ -44,16 +44,9 @@ from torch import Tensor
 from lightning_nft.objectives.adjoint_matching import lean_adjoint
 from lightning_nft.samplers import MemorylessNoise, SDESolver, Solver, time_grid
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from am_problems import load_test_helpers  # noqa: E402  (the tests' problem family and loop)
 FRACTIONS = (0.1, 0.2, 0.3, 0.5, 0.7)
-
-
-def _load_test_helpers():
-    """The problem family lives with its tests (``tests/test_adjoint_matching.py``)."""
-    spec = importlib.util.spec_from_file_location("_am_tests", ROOT / "tests" / "test_adjoint_matching.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def split_paths(velocity: Callable[..., Tensor], base: Callable[..., Tensor], solver: Solver, trajectory: Tensor,
@@ -110,8 +103,9 @@ def split_paths(velocity: Callable[..., Tensor], base: Callable[..., Tensor], so
 
 
 def target_ratios(base, direction: Tensor, lam: float, n_steps: int, n_paths: int, split_at: float,
-                  seed: int = 0) -> dict[str, list[tuple[float, float, float, float]]]:
-    """Per ensemble, per time fraction: ``(t, ratio, min and median over chunks of 512 roots)``."""
+                  seed: int = 0) -> tuple[dict[str, list[tuple[float, float, float, float]]], float]:
+    """Per ensemble, per time fraction, ``(t, ratio, min and median over chunks of 512 roots)``; and the split
+    ensemble's paths per root."""
     tilted = base.tilt(direction, lam)
     times = time_grid(n_steps)
     solver = SDESolver(MemorylessNoise())
@@ -135,8 +129,7 @@ def target_ratios(base, direction: Tensor, lam: float, n_steps: int, n_paths: in
             den = torch.zeros(n_paths).index_add_(0, root, weight * (control * control).sum(-1))
             chunks = num.view(-1, 512).sum(1) / den.view(-1, 512).sum(1)
             rows[name].append((float(t), float(num.sum() / den.sum()), float(chunks.min()), float(chunks.median())))
-    rows["paths_per_root"] = [(float(split[0].shape[1]) / n_paths, 0.0, 0.0, 0.0)]
-    return rows
+    return rows, split[0].shape[1] / n_paths
 
 
 def main() -> None:
@@ -149,15 +142,15 @@ def main() -> None:
     if args.paths % 512:
         parser.error("--paths must be a multiple of 512")
     torch.set_num_threads(1)
-    helpers = _load_test_helpers()
+    helpers = load_test_helpers()
     print("ratio of the Monte-Carlo control to the exact one (1 = unbiased); [min, median] over chunks of 512 roots")
     for seed in (int(s) for s in args.seeds.split(",")):
         base, direction, lam = helpers.random_tilt_problem(seed)
         for n_steps in (int(s) for s in args.steps.split(",")):
             start = time.time()
-            rows = target_ratios(base, direction, lam, n_steps, args.paths, args.split_at)
+            rows, paths_per_root = target_ratios(base, direction, lam, n_steps, args.paths, args.split_at)
             print(f"problem {seed} (K={base.n_components}, std {float(base.stds[0]):.2f}, lambda {lam:.2f}), T={n_steps}, "
-                  f"{rows['paths_per_root'][0][0]:.2f} split paths per root, {time.time() - start:.0f} s")
+                  f"{paths_per_root:.2f} split paths per root, {time.time() - start:.0f} s")
             for name in ("plain", "split"):
                 cells = "  ".join(f"t={t:.2f} {r:.2f} [{lo:.2f}, {med:.2f}]" for t, r, lo, med in rows[name])
                 print(f"  {name:<5} {cells}")

@@ -21,26 +21,19 @@ about half a minute to a minute on an idle core::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pathlib
+import sys
 import time
 
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from am_problems import load_test_helpers  # noqa: E402  (the tests' problem family and loop)
 
 RECIPES = {
     "before": dict(bootstrap_horizon=None, weighting="soc"),
     "bootstrap": dict(bootstrap_horizon=0.05, weighting="soc"),
 }
-
-
-def _load_test_helpers():
-    """The problem family and the fine-tuning routine live with their tests (``tests/test_adjoint_matching.py``)."""
-    spec = importlib.util.spec_from_file_location("_am_tests", ROOT / "tests" / "test_adjoint_matching.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main() -> None:
@@ -51,7 +44,7 @@ def main() -> None:
     parser.add_argument("--train-seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    helpers = _load_test_helpers()
+    helpers = load_test_helpers()
     print(f"{'seed':>4} {'K':>2} {'std':>5} {'lam':>5} {'recipe':>7} {'tilt/lam':>8} {'TV':>6} {'wall s':>7}")
     for seed in (int(s) for s in args.seeds.split(",")):
         base, direction, lam = helpers.random_tilt_problem(seed)

@@ -24,8 +24,8 @@ Run from the repository root (one thread; a few minutes on one CPU core)::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pathlib
+import sys
 import time
 
 import torch
@@ -34,15 +34,8 @@ from lightning_nft.analytic import GaussianMixture
 from lightning_nft.objectives.adjoint_matching import SCHEMES, lean_adjoint
 from lightning_nft.samplers import MemorylessNoise, SDESolver, time_grid
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load_test_helpers():
-    """The fine-tuning routine lives with its test (``tests/test_adjoint_matching.py``)."""
-    spec = importlib.util.spec_from_file_location("_am_tests", ROOT / "tests" / "test_adjoint_matching.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from am_problems import load_test_helpers  # noqa: E402  (the tests' problem family and loop)
 
 
 def target_bias(base, direction, lam, steps, schemes, fractions=(0.1, 0.3, 0.5, 0.7), m=60, n=300, seed=0,
@@ -99,7 +92,7 @@ def main() -> None:
     parser.add_argument("--skip-finetune", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    helpers = _load_test_helpers()
+    helpers = load_test_helpers()
     steps = [int(s) for s in args.steps.split(",")]
     lam = helpers.FT_LAM
     base = GaussianMixture(helpers.FT_WEIGHTS, helpers.FT_MEANS, helpers.FT_STD)

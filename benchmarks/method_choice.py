@@ -153,7 +153,7 @@ rank them on that task. The 3x target is met on t2i at seed 1 only (diversity 44
 Flow-GRPO), and on neither seed on digits or JPEG.
 
 Target (NFT best >= 3x fewer forward-equivalents than the zeroth-order family's best at equal or better
-diversity): **not met on any task**. Best zeroth-order / best NFT: digits 0.86x (rsm-early 43.0k vs nft-d0-lr2
+diversity): **not met on any task at seed 0** (at seed 1 only on t2i, above). Best zeroth-order / best NFT: digits 0.86x (rsm-early 43.0k vs nft-d0-lr2
 49.9k), JPEG 0.57x (rsm-early-lr2 28.7k vs nft-d0-lr2 49.9k), t2i 0.36x (rsm-early 14.3k vs nft-d0 39.9k);
 NFT's diversity there is equal or better on all three (24.0 vs 23.9, 36.0 vs 28.6, 45.9 vs 44.3). Against
 Flow-GRPO alone (its best of ours/parity/parity-lr2) NFT is 2.56x (digits), 1.79x (JPEG) and 2.56x (t2i)
