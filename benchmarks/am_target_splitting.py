@@ -20,6 +20,10 @@ Monte-Carlo control ``-eta_t a(t)`` to the exact control ``v* - v_base`` (``ligh
   linger between modes, whose lean adjoint grows like ``exp(2 int J dt)``, are sampled many times with small
   weights instead of once with a huge value.
 
+The split ensemble's ratio is also given by region: "between" modes (points whose largest posterior component
+probability under the tilted mixture is below 0.9) and "in mode", with each region's share of the weight and of
+the squared control (one ratio per time can hide a target that is low where the component weights are decided).
+
 Run from the repository root (one thread; about a minute per row with ``--paths 10240``)::
 
     python benchmarks/am_target_splitting.py                        # problems 5 and 0, T = 40 and 80
@@ -105,7 +109,13 @@ def split_paths(velocity: Callable[..., Tensor], base: Callable[..., Tensor], so
 def target_ratios(base, direction: Tensor, lam: float, n_steps: int, n_paths: int, split_at: float,
                   seed: int = 0) -> tuple[dict[str, list[tuple[float, float, float, float]]], float]:
     """Per ensemble, per time fraction, ``(t, ratio, min and median over chunks of 512 roots)``; and the split
-    ensemble's paths per root."""
+    ensemble's paths per root.
+
+    Two more rows, ``"split, between"`` and ``"split, in mode"``, give the split ensemble's ratio over the points
+    whose largest posterior component probability under the tilted mixture is below / at least 0.9, as
+    ``(t, ratio, share of the points' weight, share of the squared control)``: one ratio per time can hide a
+    target that is low between modes, where the component weights are decided, and high elsewhere.
+    """
     tilted = base.tilt(direction, lam)
     times = time_grid(n_steps)
     solver = SDESolver(MemorylessNoise())
@@ -129,6 +139,14 @@ def target_ratios(base, direction: Tensor, lam: float, n_steps: int, n_paths: in
             den = torch.zeros(n_paths).index_add_(0, root, weight * (control * control).sum(-1))
             chunks = num.view(-1, 512).sum(1) / den.view(-1, 512).sum(1)
             rows[name].append((float(t), float(num.sum() / den.sum()), float(chunks.min()), float(chunks.median())))
+            if name == "split":
+                with torch.no_grad():
+                    between = tilted.responsibilities(paths[k], t.expand(paths.shape[1])).max(-1).values < 0.9
+                point_num, point_den = weight * (estimate * control).sum(-1), weight * (control * control).sum(-1)
+                for region, mask in (("split, between", between), ("split, in mode", ~between)):
+                    rows.setdefault(region, []).append((
+                        float(t), float(point_num[mask].sum() / point_den[mask].sum()) if bool(mask.any()) else float("nan"),
+                        float(weight[mask].sum() / weight.sum()), float(point_den[mask].sum() / point_den.sum())))
     return rows, split[0].shape[1] / n_paths
 
 
@@ -143,7 +161,8 @@ def main() -> None:
         parser.error("--paths must be a multiple of 512")
     torch.set_num_threads(1)
     helpers = load_test_helpers()
-    print("ratio of the Monte-Carlo control to the exact one (1 = unbiased); [min, median] over chunks of 512 roots")
+    print("ratio of the Monte-Carlo control to the exact one (1 = unbiased); [min, median] over chunks of 512 roots;"
+          " by region: (share of the weight / of the squared control)")
     for seed in (int(s) for s in args.seeds.split(",")):
         base, direction, lam = helpers.random_tilt_problem(seed)
         for n_steps in (int(s) for s in args.steps.split(",")):
@@ -154,6 +173,9 @@ def main() -> None:
             for name in ("plain", "split"):
                 cells = "  ".join(f"t={t:.2f} {r:.2f} [{lo:.2f}, {med:.2f}]" for t, r, lo, med in rows[name])
                 print(f"  {name:<5} {cells}")
+            for name in ("split, between", "split, in mode"):  # (ratio, share of weight / of squared control)
+                cells = "  ".join(f"t={t:.2f} {r:.2f} ({m:.2f}/{c:.2f})" for t, r, m, c in rows[name])
+                print(f"  {name:<14} {cells}")
 
 
 if __name__ == "__main__":

@@ -87,10 +87,12 @@ Choices, and the known traps they answer (issue 4)
    ``1 + 2 h J`` under-weights the growth ``exp(2 int J)``, and with the heavy tail of choice 6 sampled by
    importance splitting the 40-step target is 6-17 % low at ``t <= 0.5``, the 80-step one within 4 % at
    ``t <= 0.3`` and up to 9 % low at ``t = 0.5-0.7``, the 160-step one within 3 % at every ``t`` measured
-   (``benchmarks/am_target_splitting.py``; ``benchmarks/README.md``). A right mean is not enough: fitted by
-   regression on paths of the exact tilted process, the split 80-step target still yields only about 0.77 of
-   the requested tilt against 0.94 for the exact control at the same points (``benchmarks/am_regression_bias.py``),
-   so on such bases the fit under-counts the heavy tail of choice 6 whatever the grid.
+   (``benchmarks/am_target_splitting.py``, which also splits the ratio between and inside modes: at T = 80 the
+   target is up to 21 % low between modes at t = 0.5-0.7, where the weights are decided). Fitted by regression on
+   paths of the exact tilted process, the split target yields 0.77-0.79 of the requested tilt at T = 80 and
+   0.86-0.90 at T = 160, against 0.94 for the exact control at the same points
+   (``benchmarks/am_regression_bias.py``): a right mean is not enough, the fit still loses part of the heavy
+   tail of choice 6.
 6. **Heavy tails on multimodal bases: the bootstrapped adjoint** (issue 14). Along a path that lingers
    between two modes ``J = grad_x v_base`` is large and positive (10-30 on the family of
    ``tests/test_adjoint_matching.py``), so the lean adjoint grows like ``exp(2 int J dt)`` on a few rare
