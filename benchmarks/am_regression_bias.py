@@ -67,7 +67,6 @@ def fit_by_regression(base, direction, lam, *, target: str, steps_per_round: int
         weights = torch.ones(roots)
         if target == "split":
             paths, weights, _ = split_paths(tilted, base, solver, paths, times, split_at=2.0, generator=gen)
-        if target == "split":
             terminal = (-lam * direction).expand(paths.shape[1], -1)  # a(1) = -lam grad r for r = direction . x
             adjoints, v_base = lean_adjoint(base, paths, times, terminal, return_base_velocity=True)
         else:  # the exact control replaces the adjoint below

@@ -135,18 +135,18 @@ def target_ratios(base, direction: Tensor, lam: float, n_steps: int, n_paths: in
             with torch.no_grad():
                 control = tilted(paths[k], t.expand(paths.shape[1])) - v_base[k]
             estimate = -(1 - t) / t * adjoints[k]
-            num = torch.zeros(n_paths).index_add_(0, root, weight * (estimate * control).sum(-1))
-            den = torch.zeros(n_paths).index_add_(0, root, weight * (control * control).sum(-1))
+            point_num, point_den = weight * (estimate * control).sum(-1), weight * (control * control).sum(-1)
+            num = torch.zeros(n_paths).index_add_(0, root, point_num)
+            den = torch.zeros(n_paths).index_add_(0, root, point_den)
             chunks = num.view(-1, 512).sum(1) / den.view(-1, 512).sum(1)
             rows[name].append((float(t), float(num.sum() / den.sum()), float(chunks.min()), float(chunks.median())))
             if name == "split":
                 with torch.no_grad():
                     between = tilted.responsibilities(paths[k], t.expand(paths.shape[1])).max(-1).values < 0.9
-                point_num, point_den = weight * (estimate * control).sum(-1), weight * (control * control).sum(-1)
                 for region, mask in (("split, between", between), ("split, in mode", ~between)):
-                    rows.setdefault(region, []).append((
-                        float(t), float(point_num[mask].sum() / point_den[mask].sum()) if bool(mask.any()) else float("nan"),
-                        float(weight[mask].sum() / weight.sum()), float(point_den[mask].sum() / point_den.sum())))
+                    ratio = float(point_num[mask].sum() / point_den[mask].sum()) if bool(mask.any()) else float("nan")
+                    rows.setdefault(region, []).append((float(t), ratio, float(weight[mask].sum() / weight.sum()),
+                                                        float(point_den[mask].sum() / point_den.sum())))
     return rows, split[0].shape[1] / n_paths
 
 
