@@ -2,20 +2,25 @@
 
 Each problem is drawn by ``tests/test_adjoint_matching.py::random_tilt_problem`` (3-5 components, std
 0.3-0.6, separated means, non-uniform weights, ``lambda`` 0.5-1.5, a random unit reward direction); the
-default seeds 100-104 are not among the tests' seeds. Every problem is fine-tuned with the plain-torch loop of
-the tests (``finetune_adjoint_matching``: the exact mixture plus a zero-initialised residual MLP, 512
-memoryless-SDE rollouts per iteration on a 40-step grid) under two recipes:
+default seeds 100-104 are not among the tests' seeds. Every problem is fine-tuned under each recipe asked for;
+the first two use the plain-torch loop of the tests (``finetune_adjoint_matching``: the exact mixture plus a
+zero-initialised residual MLP, 512 memoryless-SDE rollouts per iteration on a 40-step grid):
 
 * ``before``: the plain lean adjoint (``bootstrap_horizon=None``) with the ``"soc"`` weighting ``2 / eta_t``
   (the defaults, before and after issue 14);
-* ``bootstrap``: the bootstrapped lean adjoint (``bootstrap_horizon=0.05``, opt-in), same weighting.
+* ``bootstrap``: the bootstrapped lean adjoint (``bootstrap_horizon=0.05``, opt-in), same weighting;
+* ``fitted``: not that loop but the fitted iteration of ``am_fitted_iteration.py`` (benchmark only, not in the
+  library): each iteration freezes the model, draws 30 x 512 importance-split paths of its memoryless SDE on a
+  160-step grid, and fits the same network to convergence on their lean-adjoint targets together with the
+  previous iteration's (8 epochs); ``--fitted-iterations`` iterations (default 8),
 
 and measured on 20k Euler-ODE samples (100 steps) with ``measure_tilt``: achieved tilt / requested (1 = exact)
 and the TV of the classified component weights against the exact tilt's. One thread; each fine-tune takes
-about half a minute to a minute on an idle core::
+about half a minute to a minute on an idle core (a ``fitted`` one 7-9 minutes)::
 
     python benchmarks/am_tilt_family.py                          # 5 problems x 2 recipes
     python benchmarks/am_tilt_family.py --seeds 100,101 --recipes bootstrap
+    python benchmarks/am_tilt_family.py --recipes before,fitted
 """
 
 from __future__ import annotations
@@ -28,11 +33,13 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from am_fitted_iteration import fitted_iteration  # noqa: E402
 from am_problems import load_test_helpers  # noqa: E402  (the tests' problem family and loop)
 
 RECIPES = {
     "before": dict(bootstrap_horizon=None, weighting="soc"),
     "bootstrap": dict(bootstrap_horizon=0.05, weighting="soc"),
+    "fitted": dict(rounds=30, roots=512, n_steps=160, n_times=10, split_at=2.0, keep=2, epochs=8, lr=3e-3),
 }
 
 
@@ -42,22 +49,27 @@ def main() -> None:
     parser.add_argument("--recipes", default="before,bootstrap", help=f"comma-separated, from {tuple(RECIPES)}")
     parser.add_argument("--iters", type=int, default=None, help="fine-tuning iterations (default: the helper's)")
     parser.add_argument("--train-seed", type=int, default=0)
+    parser.add_argument("--fitted-iterations", type=int, default=8)
     args = parser.parse_args()
     torch.set_num_threads(1)
     helpers = load_test_helpers()
-    print(f"{'seed':>4} {'K':>2} {'std':>5} {'lam':>5} {'recipe':>7} {'tilt/lam':>8} {'TV':>6} {'wall s':>7}")
+    print(f"{'seed':>4} {'K':>2} {'std':>5} {'lam':>5} {'recipe':>9} {'tilt/lam':>8} {'TV':>6} {'wall s':>7}")
     for seed in (int(s) for s in args.seeds.split(",")):
         base, direction, lam = helpers.random_tilt_problem(seed)
         target = base.tilt(direction, lam)
         for recipe in args.recipes.split(","):
             kwargs = dict(RECIPES[recipe])
-            if args.iters is not None:
-                kwargs["iters"] = args.iters
             t0 = time.time()
-            model = helpers.finetune_adjoint_matching(base, direction, lam, seed=args.train_seed, **kwargs)
+            if recipe == "fitted":
+                model = fitted_iteration(base, direction, lam, iterations=args.fitted_iterations,
+                                         seed=args.train_seed, report=lambda k, m: None, **kwargs)
+            else:
+                if args.iters is not None:
+                    kwargs["iters"] = args.iters
+                model = helpers.finetune_adjoint_matching(base, direction, lam, seed=args.train_seed, **kwargs)
             wall = time.time() - t0
             got = helpers.measure_tilt(model, base, target, direction)
-            print(f"{seed:4d} {base.n_components:2d} {float(base.stds[0]):5.2f} {lam:5.2f} {recipe:>7} "
+            print(f"{seed:4d} {base.n_components:2d} {float(base.stds[0]):5.2f} {lam:5.2f} {recipe:>9} "
                   f"{got['tilt'] / lam:8.3f} {got['tv']:6.3f} {wall:7.1f}", flush=True)
 
 

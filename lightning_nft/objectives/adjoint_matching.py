@@ -123,6 +123,15 @@ Choices, and the known traps they answer (issue 4)
    **Opt-in, not the default:** the estimator is checked at the optimum (tests), but training with it is
    a fixed-point iteration on the model's own estimate and its stability is not established (issue 14:
    ``horizon = 0.05`` with the ``"uniform"`` weighting collapsed onto one mode within 150 iterations).
+7. **Online steps versus a fitted iteration** (issue 14, not in this objective yet). This objective takes
+   ``steps_per_round`` gradient steps on each round's fresh rollouts, so every heavy path of choice 6 is seen
+   once by a normalised optimiser step. Solving the same fixed point by iterations that freeze the model,
+   draw many importance-split rollouts (T = 160), and fit the lean-adjoint targets of the newest two
+   iterations to convergence ends within 5 % of the requested tilt on five random mixtures where this
+   objective's 40-step online recipe is 20-30 % short (component-weight TV at most 0.03 on three of the five),
+   but it swings by 5-8 % between iterations (``benchmarks/am_fitted_iteration.py``, ``benchmarks/README.md``).
+   It costs 7-9 minutes per mixture on one CPU core and needs rollout splitting, per-round target caching and
+   replay in the Lightning loop, so it is not this objective's recipe yet.
 
 Shapes: trajectories ``(T+1, B, *S)``, times ``(T+1,)`` strictly increasing in ``[0, 1]``,
 per-time quantities ``(B, *S)`` with ``t (B,)``. Everything runs in the trajectory's dtype.
