@@ -112,12 +112,18 @@ def fit_to_convergence(model: ResidualVelocity, data: Dataset, *, epochs: int, b
 
 def fitted_iteration(base, direction: Tensor, lam: float, *, iterations: int, rounds: int, roots: int, n_steps: int,
                      n_times: int, split_at: Optional[float], keep: int, epochs: int, lr: float, seed: int,
-                     report: Callable[[int, ResidualVelocity], None]) -> ResidualVelocity:
-    """Fine-tune the tests' network (zero-initialised residual MLP 64 x 2) by ``iterations`` fitted iterations."""
+                     report: Callable[[int, ResidualVelocity], None], average_last: int = 1) -> ResidualVelocity:
+    """Fine-tune the tests' network (zero-initialised residual MLP 64 x 2) by ``iterations`` fitted iterations.
+
+    Returns the last iterate, or with ``average_last = m > 1`` a copy whose parameters are the mean of the last
+    ``m`` iterates' (Polyak-Ruppert averaging of the iteration; the iterates stay close, as each one is a warm
+    start of the next).
+    """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed + 1)
     model = ResidualVelocity(base, MLPVelocity(base.dim, hidden=64, depth=2, time_embed_dim=16, zero_init=True))
     recent: list[Dataset] = []
+    snapshots: list[list[Tensor]] = []
     for k in range(iterations):
         frozen = copy.deepcopy(model).requires_grad_(False)
         recent = (recent + [collect_targets(frozen, base, direction, lam, rounds=rounds, roots=roots,
@@ -125,7 +131,15 @@ def fitted_iteration(base, direction: Tensor, lam: float, *, iterations: int, ro
                                             generator=generator)])[-keep:]
         fit_to_convergence(model, tuple(torch.cat(part) for part in zip(*recent)), epochs=epochs, lr=lr)
         report(k + 1, model)
-    return model
+        if k >= iterations - average_last:
+            snapshots.append([p.detach().clone() for p in model.residual.parameters()])
+    if average_last <= 1:
+        return model
+    averaged = copy.deepcopy(model)
+    with torch.no_grad():
+        for i, p in enumerate(averaged.residual.parameters()):
+            p.copy_(torch.stack([snapshot[i] for snapshot in snapshots]).mean(0))
+    return averaged
 
 
 def main() -> None:
