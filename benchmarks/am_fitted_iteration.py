@@ -59,6 +59,11 @@ from am_target_splitting import split_paths  # noqa: E402
 Dataset = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]  # t (N,), x (N, d), adjoint (N, d), v_base (N, d), weight (N,)
 
 
+def tests_network(base) -> ResidualVelocity:
+    """The tests' network: ``base`` plus a zero-initialised residual MLP (64 x 2, time embedding 16)."""
+    return ResidualVelocity(base, MLPVelocity(base.dim, hidden=64, depth=2, time_embed_dim=16, zero_init=True))
+
+
 def collect_targets(velocity: Callable[..., Tensor], base: Callable[..., Tensor], direction: Tensor, lam: float, *,
                     rounds: int, roots: int, n_steps: int, n_times: int, split_at: Optional[float],
                     generator: torch.Generator) -> Dataset:
@@ -121,7 +126,7 @@ def fitted_iteration(base, direction: Tensor, lam: float, *, iterations: int, ro
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed + 1)
-    model = ResidualVelocity(base, MLPVelocity(base.dim, hidden=64, depth=2, time_embed_dim=16, zero_init=True))
+    model = tests_network(base)
     recent: list[Dataset] = []
     snapshots: list[list[Tensor]] = []
     for k in range(iterations):

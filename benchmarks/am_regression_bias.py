@@ -45,13 +45,12 @@ import time
 
 import torch
 
-from lightning_nft.backbones import MLPVelocity, ResidualVelocity
 from lightning_nft.objectives.adjoint_matching import (adjoint_matching_loss, gather_times, lean_adjoint,
                                                        select_train_indices)
 from lightning_nft.samplers import MemorylessNoise, SDESolver, time_grid
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from am_fitted_iteration import collect_targets, fit_to_convergence  # noqa: E402
+from am_fitted_iteration import collect_targets, fit_to_convergence, tests_network  # noqa: E402
 from am_problems import load_test_helpers  # noqa: E402  (the tests' problem family and loop)
 from am_target_splitting import split_paths  # noqa: E402
 
@@ -64,7 +63,7 @@ def fit_by_regression(base, direction, lam, *, target: str, steps_per_round: int
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 1)
     tilted = base.tilt(direction, lam)
-    model = ResidualVelocity(base, MLPVelocity(base.dim, hidden=64, depth=2, time_embed_dim=16, zero_init=True))
+    model = tests_network(base)
     opt = torch.optim.Adam(model.residual.parameters(), lr=1e-2)
     solver = SDESolver(MemorylessNoise())
     times = time_grid(n_steps)
@@ -110,7 +109,7 @@ def fit_converged(base, direction, lam, *, targets: list[str], n_steps: int, rou
             with torch.no_grad():
                 adjoint = -(tilted(x, t) - v_base) * (t / (1 - t)).unsqueeze(-1)
         torch.manual_seed(seed)
-        model = ResidualVelocity(base, MLPVelocity(base.dim, hidden=64, depth=2, time_embed_dim=16, zero_init=True))
+        model = tests_network(base)
         fit_to_convergence(model, (t, x, adjoint, v_base, weight), epochs=20)
         models[target] = model
     return models

@@ -37,12 +37,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from am_fitted_iteration import fitted_iteration  # noqa: E402
 from am_problems import load_test_helpers  # noqa: E402  (the tests' problem family and loop)
 
+FITTED = dict(rounds=30, roots=512, n_steps=160, n_times=10, split_at=2.0, keep=2, epochs=8, lr=3e-3)
 RECIPES = {
     "before": dict(bootstrap_horizon=None, weighting="soc"),
     "bootstrap": dict(bootstrap_horizon=0.05, weighting="soc"),
-    "fitted": dict(rounds=30, roots=512, n_steps=160, n_times=10, split_at=2.0, keep=2, epochs=8, lr=3e-3),
-    "fitted-avg": dict(rounds=30, roots=512, n_steps=160, n_times=10, split_at=2.0, keep=2, epochs=8, lr=3e-3,
-                       average_last=5),
+    "fitted": FITTED,
+    "fitted-avg": dict(FITTED, average_last=5),
 }
 
 
