@@ -12,7 +12,7 @@ where each iteration ``k``
 
 1. freezes the current model ``v_k`` and draws ``--rounds`` batches of ``--roots`` paths of its memoryless SDE
    (``SDESolver(MemorylessNoise())``, ``--steps`` grid steps), importance-split
-   (``am_target_splitting.split_paths``, ``split_at`` 2: a path is duplicated, halving its weight, each time the
+   (``lightning_nft.path_splitting.split_paths``, ``split_at`` 2: a path is duplicated, halving its weight, each time the
    base flow stretches a forward tangent along it by 2, so paths that linger between modes are sampled many times
    with small weights);
 2. solves the lean adjoint of the base backwards on every path (``lean_adjoint``, scheme ``"right"``) and keeps
@@ -50,11 +50,11 @@ from torch import Tensor
 
 from lightning_nft.backbones import MLPVelocity, ResidualVelocity
 from lightning_nft.objectives.adjoint_matching import adjoint_matching_loss, lean_adjoint
+from lightning_nft.path_splitting import split_paths
 from lightning_nft.samplers import MemorylessNoise, SDESolver, time_grid
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from am_problems import load_test_helpers  # noqa: E402  (the tests' problem family and measurement)
-from am_target_splitting import split_paths  # noqa: E402
 
 Dataset = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]  # t (N,), x (N, d), adjoint (N, d), v_base (N, d), weight (N,)
 

@@ -36,74 +36,20 @@ Problems come from ``tests/test_adjoint_matching.py::random_tilt_problem``. Figu
 from __future__ import annotations
 
 import argparse
-import math
 import pathlib
 import sys
 import time
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from lightning_nft.objectives.adjoint_matching import lean_adjoint
-from lightning_nft.samplers import MemorylessNoise, SDESolver, Solver, time_grid
+from lightning_nft.path_splitting import split_paths
+from lightning_nft.samplers import MemorylessNoise, SDESolver, time_grid
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from am_problems import load_test_helpers  # noqa: E402  (the tests' problem family and loop)
 FRACTIONS = (0.1, 0.2, 0.3, 0.5, 0.7)
-
-
-def split_paths(velocity: Callable[..., Tensor], base: Callable[..., Tensor], solver: Solver, trajectory: Tensor,
-                times: Tensor, *, split_at: float = 2.0, max_factor: int = 8,
-                generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Importance-split paths ``trajectory (T+1, B, d)`` sampled by ``solver`` from ``velocity``.
-
-    Returns ``(paths (T+1, N, d), weights (N,), roots (N,))``: the first ``B`` paths are the given ones
-    (possibly with halved weights), the others are copies continued with fresh noise from ``solver``; the
-    weights of each root's paths sum to 1. At most ``max_factor * B`` paths.
-    """
-    n, batch = times.shape[0] - 1, trajectory.shape[1]
-    x = trajectory[0].clone()
-    root = torch.arange(batch)
-    is_given = torch.ones(batch, dtype=torch.bool)
-    weight = torch.ones(batch, dtype=trajectory.dtype)
-    growth = torch.zeros(batch, dtype=trajectory.dtype)
-    z = torch.randn(x.shape, generator=generator, dtype=x.dtype)
-    z = z / z.norm(dim=-1, keepdim=True)
-    states, parents = [x], []
-    for k in range(n):
-        t, t_next = times[k], times[k + 1]
-        x_next = torch.empty_like(x)
-        x_next[is_given] = trajectory[k + 1][root[is_given]]
-        if bool((~is_given).any()):
-            with torch.no_grad():
-                x_next[~is_given] = solver.step(velocity, x[~is_given], t, t_next, generator=generator)
-        parent = torch.arange(x_next.shape[0])
-        if k + 1 < n:
-            t_b = t_next.expand(x_next.shape[0])
-            jz = torch.autograd.functional.jvp(lambda y: base(y, t_b), (x_next,), (z,))[1]
-            stretched = z + 2 * (t_next - t) * jz
-            factor = stretched.norm(dim=-1).clamp(min=1e-12)
-            z = stretched / factor[:, None]
-            growth = growth + factor.log()
-            idx = (growth > math.log(split_at)).nonzero().squeeze(1)[: max_factor * batch - x_next.shape[0]]
-            if idx.numel():
-                growth[idx] -= math.log(2.0)
-                weight[idx] /= 2
-                parent = torch.cat([parent, idx])
-                x_next, z, growth = x_next[parent], z[parent], growth[parent]
-                weight, root = weight[parent], root[parent]
-                is_given = torch.cat([is_given, torch.zeros(idx.numel(), dtype=torch.bool)])
-        parents.append(parent)
-        states.append(x_next)
-        x = x_next
-    paths = torch.empty(n + 1, x.shape[0], *trajectory.shape[2:], dtype=trajectory.dtype)
-    index = torch.arange(x.shape[0])
-    for k in range(n, -1, -1):
-        paths[k] = states[k][index]
-        if k > 0:
-            index = parents[k - 1][index]
-    return paths, weight, root
 
 
 def target_ratios(base, direction: Tensor, lam: float, n_steps: int, n_paths: int, split_at: float,

@@ -6,22 +6,28 @@ default seeds 100-104 are not among the tests' seeds. Every problem is fine-tune
 the first two use the plain-torch loop of the tests (``finetune_adjoint_matching``: the exact mixture plus a
 zero-initialised residual MLP, 512 memoryless-SDE rollouts per iteration on a 40-step grid):
 
-* ``before``: the plain lean adjoint (``bootstrap_horizon=None``) with the ``"soc"`` weighting ``2 / eta_t``
-  (the defaults, before and after issue 14);
+* ``before``: the plain lean adjoint (``bootstrap_horizon=None``) with the ``"soc"`` weighting ``2 / eta_t``,
+  per-minibatch targets (the objective's recipe before issue 14);
 * ``bootstrap``: the bootstrapped lean adjoint (``bootstrap_horizon=0.05``, opt-in), same weighting;
-* ``fitted``: not that loop but the fitted iteration of ``am_fitted_iteration.py`` (benchmark only, not in the
-  library): each iteration freezes the model, draws 30 x 512 importance-split paths of its memoryless SDE on a
+* ``fitted``: not that loop but the fitted iteration of ``am_fitted_iteration.py`` (the benchmark's own loop,
+  round 4; the library's version is ``shipped``): each iteration freezes the model, draws 30 x 512 importance-split paths of its memoryless SDE on a
   160-step grid, and fits the same network to convergence on their lean-adjoint targets together with the
   previous iteration's (8 epochs); ``--fitted-iterations`` iterations (default 8);
-* ``fitted-avg``: the same with two more iterations, returning the mean of the last five iterates' parameters,
+* ``fitted-avg``: the same with two more iterations, returning the mean of the last five iterates' parameters;
+* ``shipped``: the library's recipe since issue 14, ``configs/gmm_adjoint.yaml`` (the objective's defaults:
+  per-round regression points from importance-split paths, one round replayed; 12 rounds of 30 x 512 rollouts
+  on 160 steps, 500 Adam steps per round on a per-round cosine, ``RoundAveraging`` over the last 6 rounds) run
+  through ``lightning_nft.cli.main`` with the problem's mixture, direction and ``lambda`` on the command line
+  (``--train-seed`` is the config's ``seed_everything``),
 
 and measured on 20k Euler-ODE samples (100 steps) with ``measure_tilt``: achieved tilt / requested (1 = exact)
 and the TV of the classified component weights against the exact tilt's. One thread; each fine-tune takes
-about half a minute to a minute on an idle core (a ``fitted`` one 7-9 minutes)::
+about half a minute to a minute on an idle core (a ``fitted`` one 7-9 minutes, a ``shipped`` one 4-5)::
 
     python benchmarks/am_tilt_family.py                          # 5 problems x 2 recipes
     python benchmarks/am_tilt_family.py --seeds 100,101 --recipes bootstrap
     python benchmarks/am_tilt_family.py --recipes before,fitted
+    python benchmarks/am_tilt_family.py --recipes shipped
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
+import tempfile
 import time
+from typing import Sequence
 
 import torch
 
@@ -43,7 +51,22 @@ RECIPES = {
     "bootstrap": dict(bootstrap_horizon=0.05, weighting="soc"),
     "fitted": FITTED,
     "fitted-avg": dict(FITTED, average_last=5),
+    "shipped": {},
 }
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def fit_shipped(helpers, base, direction, lam: float, seed: int, extra: Sequence[str] = ()):
+    """``configs/gmm_adjoint.yaml`` on this problem through the CLI (``extra``: more command-line overrides); the
+    averaged backbone of its last checkpoint."""
+    from lightning_nft.cli import main as cli_main
+
+    with tempfile.TemporaryDirectory() as root:
+        cli_main(["fit", "--config", str(ROOT / "configs" / "gmm_adjoint.yaml"),
+                  *helpers.gmm_adjoint_overrides(base, direction, lam), *extra, "--seed_everything", str(seed),
+                  "--trainer.default_root_dir", root, "--trainer.logger", "false",
+                  "--trainer.enable_progress_bar", "false"])
+        return helpers.gmm_adjoint_backbone(str(pathlib.Path(root) / "checkpoints" / "last.ckpt"), base)
 
 
 def main() -> None:
@@ -63,7 +86,9 @@ def main() -> None:
         for recipe in args.recipes.split(","):
             kwargs = dict(RECIPES[recipe])
             t0 = time.time()
-            if recipe.startswith("fitted"):
+            if recipe == "shipped":
+                model = fit_shipped(helpers, base, direction, lam, args.train_seed)
+            elif recipe.startswith("fitted"):
                 iterations = args.fitted_iterations + (2 if recipe == "fitted-avg" else 0)
                 model = fitted_iteration(base, direction, lam, iterations=iterations, seed=args.train_seed,
                                          report=lambda k, m: None, **kwargs)

@@ -13,6 +13,7 @@ from lightning_nft.callbacks.online_rollout import OnlineRollout
 from lightning_nft.callbacks.reward_components import RewardComponentMetrics
 from lightning_nft.callbacks.reward_failure import CheckpointOnRewardFailure
 from lightning_nft.callbacks.reward_metrics import RewardMetrics, SampleStatistics
+from lightning_nft.callbacks.round_averaging import RoundAveraging
 from lightning_nft.callbacks.round_checkpoint import RoundCheckpoint
 from lightning_nft.callbacks.sample_quality import SampleQuality
 from lightning_nft.callbacks.sample_writer import SampleWriter
@@ -25,6 +26,7 @@ __all__ = [
     "OnlineRollout",
     "RewardComponentMetrics",
     "RewardMetrics",
+    "RoundAveraging",
     "RoundCheckpoint",
     "SampleQuality",
     "SampleStatistics",

@@ -312,6 +312,7 @@ class OnlineFineTuningMixin(pl.LightningModule):
         self.guidance_scale, self.guidance = float(guidance_scale), guidance
         self.kl_weight = 0.0
         self.rollouts: Optional[RolloutBatch] = None
+        self.train_data: Any = None  # objective.prepare_round(rollouts): what minibatches are drawn from
         self.rollout_version = 0
         self._minibatch_order: Optional[Tensor] = None
         self._minibatch_cursor = 0
@@ -562,24 +563,27 @@ class OnlineFineTuningMixin(pl.LightningModule):
         """Keep ``rollouts`` for the coming gradient steps, in an order drawn from ``generator``."""
         self.rollouts = rollouts
         self.rollout_version += 1
-        self._minibatch_order = torch.randperm(len(rollouts), generator=generator)
+        with torch.enable_grad():  # e.g. Adjoint Matching's adjoints, once per round (no parameter update)
+            self.train_data = self.objective.prepare_round(self.policies(), rollouts, generator)
+        self._minibatch_order = torch.randperm(len(self.train_data), generator=generator)
         self._minibatch_cursor = 0
 
     def next_minibatch(self) -> RolloutBatch:
-        """The next ``minibatch_size`` rollouts (default ``N / steps_per_round``: a partition of the round)."""
-        if self.rollouts is None:
+        """The next ``minibatch_size`` rollouts (default ``N / steps_per_round``: a partition of the round), or
+        rows of what the objective's ``prepare_round`` made of them (Adjoint Matching: regression points)."""
+        if self.train_data is None:
             raise RuntimeError(
                 "no rollouts for this round: the trainer needs the OnlineRollout callback "
                 "(added by default unless default_callbacks=False)"
             )
-        n = len(self.rollouts)
+        n = len(self.train_data)
         size = min(self.minibatch_size or max(1, n // self.steps_per_round), n)
         start = self._minibatch_cursor % n
         idx = self._minibatch_order[start:start + size]
         if idx.numel() < size:  # wrap around
             idx = torch.cat([idx, self._minibatch_order[: size - idx.numel()]])
         self._minibatch_cursor = start + size
-        return self.rollouts.index(idx)
+        return self.train_data.index(idx)
 
     def compute_loss(self, batch: RolloutBatch, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         """Loss of a minibatch of rollouts: the objective's, on :meth:`policies` and ``kl_weight``."""
@@ -721,6 +725,9 @@ class OnlineFineTuningMixin(pl.LightningModule):
                                        "compute_ledger": self.compute_ledger.state_dict()}
         if hasattr(self.normalizer, "state_dict"):  # e.g. the per-prompt history of PromptStatTracker
             checkpoint["lightning_nft"]["normalizer"] = self.normalizer.state_dict()
+        objective_state = self.objective.state_dict() if hasattr(self.objective, "state_dict") else {}
+        if objective_state:  # e.g. Adjoint Matching's replayed targets
+            checkpoint["lightning_nft"]["objective"] = objective_state
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -731,6 +738,8 @@ class OnlineFineTuningMixin(pl.LightningModule):
         self._images_at_round_start = self.compute_ledger.images
         if state.get("normalizer") is not None and hasattr(self.normalizer, "load_state_dict"):
             self.normalizer.load_state_dict(state["normalizer"])
+        if state.get("objective") is not None and hasattr(self.objective, "load_state_dict"):
+            self.objective.load_state_dict(state["objective"])
 
 
 def _one_per_sample(samples: Tensor, cond: Any = None) -> Tensor:

@@ -17,12 +17,14 @@
   component means within 0.1), sampled with the plain Euler ODE solver.
 
 :func:`finetune_adjoint_matching` and :func:`measure_tilt` are also used by
-``benchmarks/am_tilt_vs_steps.py``.
+``benchmarks/am_tilt_vs_steps.py``; :func:`random_tilt_problem`, :func:`gmm_adjoint_overrides` and
+:func:`gmm_adjoint_backbone` by ``tests/test_adjoint_family.py`` and ``benchmarks/am_tilt_family.py``.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 from typing import Optional
 
@@ -590,6 +592,25 @@ def measure_tilt(model: nn.Module, base: GaussianMixture, target: GaussianMixtur
         "mean_err": float((means - target.means).norm(dim=1).max()),
         "tilt": effective_tilt(base, w, direction),
     }
+
+
+def gmm_adjoint_overrides(base: GaussianMixture, direction: torch.Tensor, lam: float) -> list[str]:
+    """Command-line overrides of ``configs/gmm_adjoint.yaml`` for another mixture, reward direction and ``lambda``
+    (what a user changes to fine-tune another problem with the shipped recipe)."""
+    mixture = "--model.init_args.backbone.init_args.base.init_args"
+    return [f"{mixture}.weights", json.dumps(base.weights.tolist()), f"{mixture}.means", json.dumps(base.means.tolist()),
+            f"{mixture}.stds", repr(float(base.stds[0])),
+            "--model.init_args.reward.init_args.direction", json.dumps(direction.tolist()),
+            "--model.init_args.objective.init_args.reward_multiplier", repr(float(lam))]
+
+
+def gmm_adjoint_backbone(checkpoint: str, base: GaussianMixture) -> ResidualVelocity:
+    """The fine-tuned backbone of a ``configs/gmm_adjoint.yaml`` checkpoint (its ``state_dict``: the averaged model
+    of ``RoundAveraging``): ``base`` plus the config's residual MLP (64 x 2, time embedding 16)."""
+    backbone = ResidualVelocity(base, MLPVelocity(base.dim, hidden=64, depth=2, time_embed_dim=16, zero_init=True))
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    backbone.load_state_dict({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
+    return backbone
 
 
 def test_finetuned_model_samples_the_exact_tilt_with_the_ode_solver():

@@ -3,7 +3,9 @@
 For each method (multi-step DiffusionNFT, DiffusionNFT with LoRA, Adjoint Matching, Flow-GRPO) the CLI runs
 the config for 4 short rounds (A), for 2 rounds (B), and resumes B from its ``last.ckpt`` to 4 rounds (C).
 C's final checkpoint must hold exactly A's weights (trained, old and reference policies; max abs
-difference 0 on CPU) and the same optimiser state. (A process killed with SIGKILL resumes from the same
+difference 0 on CPU) and the same optimiser state. For Adjoint Matching the checkpoint also carries the replayed
+regression points of the last round (``lightning_nft.objectives.adjoint_targets``) and ``RoundAveraging``'s
+average and current weights (both compared; 4 rounds all fall in its window of 5). (A process killed with SIGKILL resumes from the same
 file: ``tests/test_resume_after_sigkill.py`` does that for DiffusionNFT on digits; what makes resuming
 exact is what the checkpoint carries, not how the process ended.)
 """
@@ -23,7 +25,8 @@ METHODS = {
     "multistep_nft": ("gmm_nft.yaml+gmm_nft_multistep.yaml", ["--model.init_args.group_size", "8", "--model.init_args.steps_per_round", "4"]),
     "lora_nft": ("gmm_nft.yaml", ["--model.init_args.group_size", "8", "--model.init_args.steps_per_round", "2",
                                   "--model.init_args.lora", LORA]),
-    "adjoint_matching": ("gmm_adjoint.yaml", ["--model.init_args.group_size", "16", "--model.init_args.n_sample_steps", "8"]),
+    "adjoint_matching": ("gmm_adjoint.yaml", ["--model.init_args.group_size", "16", "--model.init_args.n_sample_steps", "8",
+                                              "--model.init_args.steps_per_round", "20"]),
     "grpo": ("gmm_grpo.yaml", ["--model.init_args.group_size", "8", "--model.init_args.steps_per_round", "2"]),
 }
 
@@ -57,4 +60,8 @@ def test_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, method)
     weights = _max_difference(full["state_dict"], resumed["state_dict"])
     print(f"{method}: max |resumed - uninterrupted| = {weights:.3g}")
     assert weights == 0.0
+    if method == "adjoint_matching":  # state_dict is RoundAveraging's average; the current weights are kept apart
+        assert _max_difference(full["current_model_state"], resumed["current_model_state"]) == 0.0
+        assert _max_difference(full["state_dict"], full["current_model_state"]) > 0  # an average, not the last iterate
+        assert full["lightning_nft"]["objective"]["history"][0]["x"].shape[0] > 0  # replayed points are carried
     assert _max_difference(_optimizer_tensors(full), _optimizer_tensors(resumed)) == 0.0

@@ -123,17 +123,31 @@ Choices, and the known traps they answer (issue 4)
    **Opt-in, not the default:** the estimator is checked at the optimum (tests), but training with it is
    a fixed-point iteration on the model's own estimate and its stability is not established (issue 14:
    ``horizon = 0.05`` with the ``"uniform"`` weighting collapsed onto one mode within 150 iterations).
-7. **Online steps versus a fitted iteration** (issue 14, not in this objective yet). This objective takes
-   ``steps_per_round`` gradient steps on each round's fresh rollouts, so every heavy path of choice 6 is seen
-   once by a normalised optimiser step. Solving the same fixed point by iterations that freeze the model,
-   draw many importance-split rollouts (T = 160), and fit the lean-adjoint targets of the newest two
-   iterations to convergence ends within 5 % of the requested tilt on five random mixtures where this
-   objective's 40-step online recipe is 20-30 % short (component-weight TV at most 0.03 on three of the five),
-   but it swings by 5-8 % between iterations; averaging the last five of ten iterates' parameters meets the issue's
-   criterion (tilt within 5 %, TV at most 0.03) on all five, two of them at TV 0.029
-   (``benchmarks/am_fitted_iteration.py``, ``benchmarks/README.md``). It costs 8-10 minutes per mixture on one
-   CPU core and needs rollout splitting, per-round target caching and replay in the Lightning loop, so it is
-   not this objective's recipe yet.
+7. **A fitted iteration, one iteration per round (the default since issue 14).** Taking a few gradient steps
+   on each fresh minibatch of rollouts (``targets="minibatch"``) sees every heavy path of choice 6 once, through
+   a normalised optimiser step, and ends 20-30 % short of the requested tilt on random narrow mixtures (tests'
+   family, 600 rounds x 512 rollouts, T = 40). The same fixed point is reached by iterating
+
+       v_{k+1} = argmin_v  E_{X ~ v_k} sum_t w (2 / eta_t) || v(X_t, t) - (v_base(X_t, t) - eta_t a(t)) ||^2
+
+   with each minimisation actually carried out: ``targets="round"`` solves the lean adjoint once per round on
+   all the round's trajectories, importance-split where the base flow stretches them (``split_at = 2``:
+   :mod:`lightning_nft.path_splitting`; the heavy paths of choice 6 are then sampled many times with small
+   weights ``w``), keeps ``n_train_times`` random grid times per path, and puts the previous round's points in
+   front (``replay_rounds = 1``, carried in checkpoints); the module then takes enough steps to fit them.
+   ``configs/gmm_adjoint.yaml`` is the recipe: 30 x 512 rollouts on a 160-step grid (choice 5), 500 Adam steps
+   of 8,192 points per round on a per-round cosine 3e-3 -> 1e-5, 12 rounds, and the mean of the last six
+   rounds' parameters (``lightning_nft.callbacks.RoundAveraging``: single iterates scatter 5-8 % around the
+   fixed point). With fewer steps per round the iterates lag (300 steps: one of three mixtures 8 % short after
+   10 rounds); a larger learning rate makes them noisier (1e-2: TV 0.055 on the same mixture). On five random mixtures the tests never saw it ends within FAMILY_TILT of the requested tilt
+   with component-weight TV FAMILY_TV (``benchmarks/am_tilt_family.py --recipes shipped``;
+   ``benchmarks/README.md``), where the per-minibatch recipe is 20-30 % short; ``tests/test_adjoint_family.py``
+   requires tilt within 5 % and TV at most 0.03 on mixtures of its own. Each round costs about
+   ROUND_COST on one CPU core for this 2-D toy (rollouts, splitting and adjoints about 18 s, the fit the rest).
+   Without splitting the iterates swing by +-0.15 (``benchmarks/am_fitted_iteration.py``). For large latents
+   the round's points (``n_train_times`` states, adjoints and base velocities per path, twice with the replay)
+   and the split trajectories take memory: lower ``n_train_times`` and ``max_split_factor``, or fall back to
+   ``targets="minibatch"``.
 
 Shapes: trajectories ``(T+1, B, *S)``, times ``(T+1,)`` strictly increasing in ``[0, 1]``,
 per-time quantities ``(B, *S)`` with ``t (B,)``. Everything runs in the trajectory's dtype.
@@ -169,6 +183,7 @@ __all__ = [
 ]
 
 WEIGHTINGS = ("soc", "uniform")
+TARGET_MODES = ("round", "minibatch")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -624,6 +639,7 @@ def adjoint_matching_loss_u(v_ft: Tensor, v_base: Tensor, adjoint: Tensor, t: Te
 from lightning.pytorch.utilities import rank_zero_warn  # noqa: E402
 
 from lightning_nft.conditions import index_condition  # noqa: E402
+from lightning_nft.objectives.adjoint_targets import AdjointTargets, round_targets  # noqa: E402
 from lightning_nft.objectives.base import Objective, Policies  # noqa: E402
 from lightning_nft.rollouts import RolloutBatch  # noqa: E402
 from lightning_nft.samplers import MemorylessNoise, PowerLawNoise, SDESolver, Solver  # noqa: E402
@@ -635,16 +651,24 @@ class AdjointMatchingObjective(Objective):
 
     Rollouts are sampled by the *current* fine-tuned model with the memoryless SDE (only that schedule
     makes the optimum sample ``p_base(x) exp(lambda r(x))``), full trajectories are kept, the reward must
-    be differentiable, the base drift is the frozen reference and no old policy is kept. Per minibatch of
-    trajectories ``X (T+1, B, *S)`` on the grid ``t_0 < ... < t_T``:
+    be differentiable, the base drift is the frozen reference and no old policy is kept. With
+    ``targets="round"`` (default), once per round, on all the round's trajectories ``X (T+1, N, *S)`` on the
+    grid ``t_0 < ... < t_T`` (:meth:`prepare_round`, :func:`~lightning_nft.objectives.adjoint_targets.round_targets`):
 
-    1. ``a(1) = -lambda grad r(X_1)`` (:func:`terminal_adjoint`);
-    2. the lean adjoint backwards along the grid, ``d a/dt = -(grad_x b)^T a`` with ``b = 2 v_base - x/t``
-       (:func:`lean_adjoint`), optionally restarted from the current model's control estimate
-       (``bootstrap_horizon``, opt-in);
-    3. on ``n_train_times`` random interior grid times, the velocity-space loss
-       ``(2/eta_t) || v_theta(X_t, t) - (v_base - eta_t a) ||^2`` (:func:`adjoint_matching_loss`),
-       averaged over samples and times.
+    1. the paths are importance-split where the base flow stretches them (``split_at``;
+       :func:`lightning_nft.path_splitting.split_paths`), each path weighted so that a rollout's paths sum to 1;
+    2. ``a(1) = -lambda grad r(X_1)`` (:func:`terminal_adjoint`) and the lean adjoint backwards along the grid,
+       ``d a/dt = -(grad_x b)^T a`` with ``b = 2 v_base - x/t`` (:func:`lean_adjoint`);
+    3. ``n_train_times`` random interior grid times per path become regression points, and the points of the
+       last ``replay_rounds`` rounds are kept in front of them;
+
+    then each of the round's gradient steps takes a minibatch of points and the weighted velocity-space loss
+    ``w (2/eta_t) || v_theta(X_t, t) - (v_base - eta_t a) ||^2`` (:func:`adjoint_matching_loss`). A round is
+    then one iteration of a fitted fixed-point iteration when it takes enough steps to fit its points (module
+    docstring choice 7: the recipe of ``configs/gmm_adjoint.yaml``, with a per-round cosine learning rate and
+    ``lightning_nft.callbacks.RoundAveraging`` over the last rounds). ``targets="minibatch"`` (the recipe
+    before issue 14) computes the lean adjoint per minibatch of trajectories instead, without splitting or
+    replay, and trains ``n_train_times`` grid times shared by the minibatch.
 
     Args:
         reward_multiplier: ``lambda`` of the target ``p_base(x) exp(lambda r(x))``.
@@ -660,6 +684,11 @@ class AdjointMatchingObjective(Objective):
             multimodal bases (a few paths that linger between modes carry most of its mean), so finite
             batches under-apply the tilt; the bootstrapped one cuts the tail but its training stability is
             not established yet (opt-in; ``benchmarks/README.md``).
+        targets: ``"round"`` (regression points once per round, default) or ``"minibatch"``.
+        split_at: tangent growth factor that splits a path (``None``: no splitting; ``"round"`` only).
+        max_split_factor: at most this many paths per rollout on average after splitting.
+        replay_rounds: previous rounds whose points are trained again (``"round"`` only; in checkpoints).
+        chunk_size: rollouts whose adjoints are solved together (memory).
     """
 
     sampling_policy = "current"
@@ -668,19 +697,34 @@ class AdjointMatchingObjective(Objective):
     needs_reward_gradient = True
     needs_old_policy = False
 
-    def __init__(self, reward_multiplier: float = 1.0, n_train_times: Optional[int] = None, t_min: float = 0.0,
+    def __init__(self, reward_multiplier: float = 1.0, n_train_times: Optional[int] = 10, t_min: float = 0.0,
                  t_max: float = 1.0, scheme: str = "right", weighting: str = "soc",
                  max_weight: Optional[float] = None, adjoint_max_norm: Optional[float] = None,
-                 bootstrap_horizon: Optional[float] = None) -> None:
+                 bootstrap_horizon: Optional[float] = None, targets: str = "round", split_at: Optional[float] = 2.0,
+                 max_split_factor: int = 8, replay_rounds: int = 1, chunk_size: int = 4096) -> None:
         if n_train_times is not None and n_train_times < 1:
             raise ValueError(f"n_train_times must be positive or None, got {n_train_times}")
         if bootstrap_horizon is not None and not float(bootstrap_horizon) >= 0:
             raise ValueError(f"bootstrap_horizon must be >= 0 or None, got {bootstrap_horizon}")
+        if targets not in TARGET_MODES:
+            raise ValueError(f"targets must be one of {TARGET_MODES}, got {targets!r}")
+        if split_at is not None and not float(split_at) > 1:
+            raise ValueError(f"split_at must be > 1 or None, got {split_at}")
+        if max_split_factor < 1 or replay_rounds < 0 or chunk_size < 1:
+            raise ValueError(f"need max_split_factor >= 1, replay_rounds >= 0 and chunk_size >= 1; got "
+                             f"{max_split_factor}, {replay_rounds}, {chunk_size}")
+        if targets == "minibatch" and (split_at is not None or replay_rounds):
+            raise ValueError("split_at and replay_rounds act on a round's targets: with targets='minibatch' set "
+                             "split_at=None and replay_rounds=0")
         self.bootstrap_horizon = None if bootstrap_horizon is None else float(bootstrap_horizon)
         self.reward_multiplier = float(reward_multiplier)
         self.n_train_times, self.t_min, self.t_max = n_train_times, float(t_min), float(t_max)
         self.scheme, self.weighting, self.max_weight = scheme, weighting, max_weight
         self.adjoint_max_norm = adjoint_max_norm
+        self.targets = targets
+        self.split_at = None if split_at is None else float(split_at)
+        self.max_split_factor, self.replay_rounds, self.chunk_size = int(max_split_factor), int(replay_rounds), int(chunk_size)
+        self._history: list[AdjointTargets] = []  # the last replay_rounds rounds' targets
 
     def default_solver(self) -> Solver:
         return SDESolver(MemorylessNoise())
@@ -700,8 +744,38 @@ class AdjointMatchingObjective(Objective):
             rank_zero_warn("AdjointMatchingObjective ignores kl_weight (the KLAnchor callback's weight): its "
                            "regularisation toward the reference is set by reward_multiplier")
 
-    def loss(self, policies: Policies, batch: RolloutBatch, generator: torch.Generator,
+    def prepare_round(self, policies: Policies, rollouts: RolloutBatch,
+                      generator: Optional[torch.Generator] = None) -> Union[RolloutBatch, AdjointTargets]:
+        """With ``targets="round"``: the round's regression points (:func:`~lightning_nft.objectives.adjoint_targets.round_targets`)
+        followed by those of the last ``replay_rounds`` rounds; ``"minibatch"``: ``rollouts`` unchanged."""
+        if self.targets != "round":
+            return rollouts
+        if rollouts.trajectory is None or rollouts.times is None:
+            raise ValueError("Adjoint Matching needs the rollouts' trajectories and time grid")
+        new = round_targets(policies, rollouts, self.reward_multiplier, n_train_times=self.n_train_times,
+                            t_min=self.t_min, t_max=self.t_max, scheme=self.scheme, split_at=self.split_at,
+                            max_split_factor=self.max_split_factor, chunk_size=self.chunk_size,
+                            adjoint_max_norm=self.adjoint_max_norm, bootstrap_horizon=self.bootstrap_horizon,
+                            generator=generator)
+        data = AdjointTargets.cat([*self._history, new])
+        self._history = [*self._history, new][-self.replay_rounds:] if self.replay_rounds else []
+        return data
+
+    def state_dict(self) -> dict[str, Any]:
+        """The replayed targets of the last ``replay_rounds`` rounds (checkpoints carry them: exact resume)."""
+        return {"history": [part.state() for part in self._history]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._history = [AdjointTargets.from_state(part) for part in state.get("history", [])]
+
+    def loss(self, policies: Policies, batch: Union[RolloutBatch, AdjointTargets], generator: torch.Generator,
              kl_weight: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+        if isinstance(batch, AdjointTargets):
+            v_ft = policies.velocity(batch.x, batch.t, batch.cond)
+            per_point = adjoint_matching_loss(v_ft, batch.v_base, batch.adjoint, batch.t, weighting=self.weighting,
+                                              max_weight=self.max_weight)
+            norms = batch.adjoint.reshape(len(batch), -1).norm(dim=1)
+            return (per_point * batch.weight).mean(), {"adjoint_norm": (norms * batch.weight).mean().detach()}
         if batch.trajectory is None or batch.times is None:
             raise ValueError("Adjoint Matching needs the rollouts' trajectories and time grid")
         traj, times = batch.trajectory, batch.times

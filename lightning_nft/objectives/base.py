@@ -85,9 +85,24 @@ class Objective:
     def setup(self, *, reward: Any, solver: Solver, group_size: int, kl_weight: float = 0.0) -> None:
         """Validate the configuration at fit start (e.g. refuse a black-box reward or an ODE solver)."""
 
-    def loss(self, policies: Policies, batch: RolloutBatch, generator: torch.Generator,
+    def prepare_round(self, policies: Policies, rollouts: RolloutBatch,
+                      generator: Optional[torch.Generator] = None) -> Any:
+        """What the round's minibatches are drawn from, computed once per round from its ``rollouts``
+        (gradients enabled, no parameter update): anything with ``len`` and ``index(idx)``. Default: the
+        rollouts themselves (Adjoint Matching returns its regression points)."""
+        return rollouts
+
+    def state_dict(self) -> dict[str, Any]:
+        """State carried across rounds that a checkpoint must keep for an exact resume (default: none)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (from a checkpoint)."""
+
+    def loss(self, policies: Policies, batch: Any, generator: torch.Generator,
              kl_weight: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
-        """Return ``(scalar loss, {name: scalar to log})`` for a minibatch of rollouts."""
+        """Return ``(scalar loss, {name: scalar to log})`` for a minibatch of what :meth:`prepare_round`
+        returned (by default a minibatch of rollouts)."""
         raise NotImplementedError
 
 
