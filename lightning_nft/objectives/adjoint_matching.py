@@ -139,11 +139,11 @@ Choices, and the known traps they answer (issue 4)
    of 8,192 points per round on a per-round cosine 3e-3 -> 1e-5, 12 rounds, and the mean of the last six
    rounds' parameters (``lightning_nft.callbacks.RoundAveraging``: single iterates scatter 5-8 % around the
    fixed point). With fewer steps per round the iterates lag (300 steps: one of three mixtures 8 % short after
-   10 rounds); a larger learning rate makes them noisier (1e-2: TV 0.055 on the same mixture). On five random mixtures the tests never saw it ends within FAMILY_TILT of the requested tilt
-   with component-weight TV FAMILY_TV (``benchmarks/am_tilt_family.py --recipes shipped``;
+   10 rounds); a larger learning rate makes them noisier (1e-2: TV 0.055 on the same mixture). On five random mixtures the tests never saw it ends at 0.965-1.035 of the requested tilt
+   with component-weight TV 0.003-0.028 (``benchmarks/am_tilt_family.py --recipes shipped``;
    ``benchmarks/README.md``), where the per-minibatch recipe is 20-30 % short; ``tests/test_adjoint_family.py``
    requires tilt within 5 % and TV at most 0.03 on mixtures of its own. Each round costs about
-   ROUND_COST on one CPU core for this 2-D toy (rollouts, splitting and adjoints about 18 s, the fit the rest).
+   30 s of one idle CPU core for this 2-D toy (rollouts, splitting and adjoints about 18 s, the fit the rest).
    Without splitting the iterates swing by +-0.15 (``benchmarks/am_fitted_iteration.py``). For large latents
    the round's points (``n_train_times`` states, adjoints and base velocities per path, twice with the replay)
    and the split trajectories take memory: lower ``n_train_times`` and ``max_split_factor``, or fall back to
