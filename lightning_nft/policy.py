@@ -568,7 +568,7 @@ class OnlineFineTuningMixin(pl.LightningModule):
         self._minibatch_order = torch.randperm(len(self.train_data), generator=generator)
         self._minibatch_cursor = 0
 
-    def next_minibatch(self) -> RolloutBatch:
+    def next_minibatch(self) -> Any:
         """The next ``minibatch_size`` rollouts (default ``N / steps_per_round``: a partition of the round), or
         rows of what the objective's ``prepare_round`` made of them (Adjoint Matching: regression points)."""
         if self.train_data is None:
@@ -585,8 +585,9 @@ class OnlineFineTuningMixin(pl.LightningModule):
         self._minibatch_cursor = start + size
         return self.train_data.index(idx)
 
-    def compute_loss(self, batch: RolloutBatch, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-        """Loss of a minibatch of rollouts: the objective's, on :meth:`policies` and ``kl_weight``."""
+    def compute_loss(self, batch: Any, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        """Loss of a minibatch (of rollouts, or of what the objective's ``prepare_round`` made of them): the
+        objective's, on :meth:`policies` and ``kl_weight``."""
         return self.objective.loss(self.policies(), batch, generator, kl_weight=float(self.kl_weight))
 
     # ------------------------------------------------------------------ Lightning hooks
