@@ -752,14 +752,29 @@ class AdjointMatchingObjective(Objective):
             return rollouts
         if rollouts.trajectory is None or rollouts.times is None:
             raise ValueError("Adjoint Matching needs the rollouts' trajectories and time grid")
-        new = round_targets(policies, rollouts, self.reward_multiplier, n_train_times=self.n_train_times,
-                            t_min=self.t_min, t_max=self.t_max, scheme=self.scheme, split_at=self.split_at,
-                            max_split_factor=self.max_split_factor, chunk_size=self.chunk_size,
-                            adjoint_max_norm=self.adjoint_max_norm, bootstrap_horizon=self.bootstrap_horizon,
-                            generator=generator)
+
+        def adjoints(paths: Tensor, times: Tensor, cond: Any) -> tuple[Tensor, Tensor]:
+            return self.path_adjoints(policies, paths, times, cond)[:2]
+
+        new = round_targets(policies, rollouts, adjoints, n_train_times=self.n_train_times, t_min=self.t_min,
+                            t_max=self.t_max, split_at=self.split_at, max_split_factor=self.max_split_factor,
+                            chunk_size=self.chunk_size, generator=generator)
         data = AdjointTargets.cat([*self._history, new])
         self._history = [*self._history, new][-self.replay_rounds:] if self.replay_rounds else []
         return data
+
+    def path_adjoints(self, policies: Policies, paths: Tensor, times: Tensor, cond: Any = None
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+        """Step 2 of the class docstring on ``paths (T+1, B, *S)``: ``(adjoints (T+1, B, *S), v_base (T+1, B, *S),
+        a(1) (B, *S))``, the lean adjoint (bootstrapped and clipped as configured) and the base velocities."""
+        terminal = terminal_adjoint(policies.reward, paths[-1], self.reward_multiplier, cond)
+        ft_velocity = None
+        if self.bootstrap_horizon is not None:
+            ft_velocity = _interior_velocities(policies.velocity, paths, times, cond)
+        adjoints, v_base = lean_adjoint(policies.reference_velocity, paths, times, terminal, cond, scheme=self.scheme,
+                                        return_base_velocity=True, ft_velocity=ft_velocity,
+                                        bootstrap_horizon=self.bootstrap_horizon)
+        return clip_adjoint(adjoints, self.adjoint_max_norm), v_base, terminal
 
     def state_dict(self) -> dict[str, Any]:
         """The replayed targets of the last ``replay_rounds`` rounds (checkpoints carry them: exact resume)."""
@@ -779,15 +794,7 @@ class AdjointMatchingObjective(Objective):
         if batch.trajectory is None or batch.times is None:
             raise ValueError("Adjoint Matching needs the rollouts' trajectories and time grid")
         traj, times = batch.trajectory, batch.times
-        terminal = terminal_adjoint(policies.reward, traj[-1], self.reward_multiplier, batch.cond)
-        ft_velocity = None
-        if self.bootstrap_horizon is not None:
-            ft_velocity = _interior_velocities(policies.velocity, traj, times, batch.cond)
-        adjoints, v_base = lean_adjoint(policies.reference_velocity, traj, times, terminal, batch.cond,
-                                        scheme=self.scheme, return_base_velocity=True, ft_velocity=ft_velocity,
-                                        bootstrap_horizon=self.bootstrap_horizon)
-        if self.adjoint_max_norm is not None:
-            adjoints = clip_adjoint(adjoints, self.adjoint_max_norm)
+        adjoints, v_base, terminal = self.path_adjoints(policies, traj, times, batch.cond)
         idx = select_train_indices(times, self.n_train_times, t_min=self.t_min, t_max=self.t_max,
                                    generator=generator)
         t, x, a, vb = gather_times(idx, times, traj, adjoints, v_base)

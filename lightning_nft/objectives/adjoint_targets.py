@@ -19,7 +19,7 @@ the module draws minibatches from (``len``, ``index``) and what the objective re
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -109,29 +109,26 @@ def per_path_times(eligible: Tensor, n_paths: int, n_times: Optional[int], gener
 def round_targets(
     policies: Any,
     rollouts: Any,
-    reward_multiplier: float,
+    path_adjoints: Callable[[Tensor, Tensor, Any], tuple[Tensor, Tensor]],
     *,
     n_train_times: Optional[int],
     t_min: float,
     t_max: float,
-    scheme: str,
     split_at: Optional[float],
     max_split_factor: int,
     chunk_size: int,
-    adjoint_max_norm: Optional[float],
-    bootstrap_horizon: Optional[float],
     generator: Optional[torch.Generator],
 ) -> AdjointTargets:
     """The regression points of one round's ``rollouts`` (a ``RolloutBatch`` with trajectories).
 
-    In chunks of ``chunk_size`` rollouts: importance-split the paths (``split_at``; ``None``: off), solve the
-    lean adjoint of ``policies.reference_velocity`` backwards from ``a(1) = -lambda grad r(X_1)`` on every path
-    (``scheme``, optional bootstrap and clipping: :func:`~lightning_nft.objectives.adjoint_matching.lean_adjoint`),
-    and keep ``n_train_times`` random interior grid times in ``[t_min, t_max]`` per path. The weights are the
-    paths' importance weights (each rollout's paths sum to 1), normalised to mean 1 over the round.
+    In chunks of ``chunk_size`` rollouts: importance-split the paths (``split_at``; ``None``: off), solve
+    ``path_adjoints(paths, times, cond) -> (adjoints, v_base)`` on every path (the objective's lean adjoint
+    backwards from ``a(1) = -lambda grad r(X_1)``:
+    :meth:`~lightning_nft.objectives.adjoint_matching.AdjointMatchingObjective.path_adjoints`), and keep
+    ``n_train_times`` random interior grid times in ``[t_min, t_max]`` per path. The weights are the paths'
+    importance weights (each rollout's paths sum to 1), normalised to mean 1 over the round.
     """
-    from lightning_nft.objectives.adjoint_matching import (
-        _interior_velocities, clip_adjoint, lean_adjoint, select_train_indices, terminal_adjoint)
+    from lightning_nft.objectives.adjoint_matching import select_train_indices
 
     traj, times = rollouts.trajectory, rollouts.times
     eligible = select_train_indices(times, None, t_min=t_min, t_max=t_max).to(traj.device)
@@ -145,14 +142,7 @@ def round_targets(
                                                paths, times, cond, split_at=split_at, max_factor=max_split_factor,
                                                generator=generator)
             cond = index_condition(cond, roots)
-        terminal = terminal_adjoint(policies.reward, paths[-1], reward_multiplier, cond)
-        ft_velocity = None
-        if bootstrap_horizon is not None:
-            ft_velocity = _interior_velocities(policies.velocity, paths, times, cond)
-        adjoints, v_base = lean_adjoint(policies.reference_velocity, paths, times, terminal, cond, scheme=scheme,
-                                        return_base_velocity=True, ft_velocity=ft_velocity,
-                                        bootstrap_horizon=bootstrap_horizon)
-        adjoints = clip_adjoint(adjoints, adjoint_max_norm)
+        adjoints, v_base = path_adjoints(paths, times, cond)
         k = per_path_times(eligible, paths.shape[1], n_train_times, generator)  # (n, P)
         path = torch.arange(paths.shape[1], device=paths.device).expand_as(k)
         flat = (k.reshape(-1), path.reshape(-1))  # row i * P + p: time k[i, p] of path p
