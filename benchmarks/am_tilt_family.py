@@ -53,7 +53,6 @@ RECIPES = {
     "fitted-avg": dict(FITTED, average_last=5),
     "shipped": {},
 }
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def fit_shipped(helpers, base, direction, lam: float, seed: int, extra: Sequence[str] = ()):
@@ -62,10 +61,7 @@ def fit_shipped(helpers, base, direction, lam: float, seed: int, extra: Sequence
     from lightning_nft.cli import main as cli_main
 
     with tempfile.TemporaryDirectory() as root:
-        cli_main(["fit", "--config", str(ROOT / "configs" / "gmm_adjoint.yaml"),
-                  *helpers.gmm_adjoint_overrides(base, direction, lam), *extra, "--seed_everything", str(seed),
-                  "--trainer.default_root_dir", root, "--trainer.logger", "false",
-                  "--trainer.enable_progress_bar", "false"])
+        cli_main([*helpers.gmm_adjoint_fit_args(base, direction, lam, root), *extra, "--seed_everything", str(seed)])
         return helpers.gmm_adjoint_backbone(str(pathlib.Path(root) / "checkpoints" / "last.ckpt"), base)
 
 

@@ -6,7 +6,7 @@ learning rate and the mean of the last rounds' parameters; ``objectives/adjoint_
 Each mixture of ``random_tilt_problem`` (3-5 components, std 0.3-0.6, means apart, weights not uniform,
 ``lambda`` in [0.5, 1.5], a random unit reward direction), from seeds that neither the benchmarks nor the
 recipe's development used, is fitted the way a user would: the CLI with the mixture, the reward direction and
-``lambda`` on the command line (``test_adjoint_matching.gmm_adjoint_overrides``). The averaged model of the
+``lambda`` on the command line (``test_adjoint_matching.gmm_adjoint_fit_args``). The averaged model of the
 final checkpoint is sampled with the Euler ODE (20k samples, 100 steps, ``measure_tilt``) and must reach, for
 every mixture, an achieved tilt within 5 % of ``lambda`` and a component-weight TV of at most 0.03 against the
 exact tilt (``GaussianMixture.tilt``). The base alone is far off (checked: TV > 0.3), so the test has power.
@@ -32,9 +32,8 @@ from lightning_nft.analytic import component_weights, total_variation
 from lightning_nft.samplers import EulerSolver, time_grid
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_adjoint_matching import gmm_adjoint_backbone, gmm_adjoint_overrides, measure_tilt, random_tilt_problem  # noqa: E402
+from test_adjoint_matching import gmm_adjoint_backbone, gmm_adjoint_fit_args, measure_tilt, random_tilt_problem  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (10, 11)
 
 
@@ -44,10 +43,7 @@ def fit_family(folder: Path, seeds: tuple[int, ...] = SEEDS) -> None:
     from lightning_nft.cli import main
 
     for seed in seeds:
-        root = folder / f"seed{seed}"
-        main(["fit", "--config", str(ROOT / "configs" / "gmm_adjoint.yaml"), *gmm_adjoint_overrides(*random_tilt_problem(seed)),
-              "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
-              "--trainer.logger", "false"])
+        main(gmm_adjoint_fit_args(*random_tilt_problem(seed), str(folder / f"seed{seed}")))
         (folder / f"seed{seed}.done").touch()
 
 

@@ -17,7 +17,7 @@
   component means within 0.1), sampled with the plain Euler ODE solver.
 
 :func:`finetune_adjoint_matching` and :func:`measure_tilt` are also used by
-``benchmarks/am_tilt_vs_steps.py``; :func:`random_tilt_problem`, :func:`gmm_adjoint_overrides` and
+``benchmarks/am_tilt_vs_steps.py``; :func:`random_tilt_problem`, :func:`gmm_adjoint_fit_args` and
 :func:`gmm_adjoint_backbone` by ``tests/test_adjoint_family.py`` and ``benchmarks/am_tilt_family.py``.
 """
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import pathlib
 from typing import Optional
 
 import pytest
@@ -594,14 +595,18 @@ def measure_tilt(model: nn.Module, base: GaussianMixture, target: GaussianMixtur
     }
 
 
-def gmm_adjoint_overrides(base: GaussianMixture, direction: torch.Tensor, lam: float) -> list[str]:
-    """Command-line overrides of ``configs/gmm_adjoint.yaml`` for another mixture, reward direction and ``lambda``
-    (what a user changes to fine-tune another problem with the shipped recipe)."""
+def gmm_adjoint_fit_args(base: GaussianMixture, direction: torch.Tensor, lam: float, root: str) -> list[str]:
+    """``lightning_nft.cli.main`` arguments fitting ``configs/gmm_adjoint.yaml`` into ``root`` for another mixture,
+    reward direction and ``lambda`` (what a user changes to fine-tune another problem with the shipped recipe),
+    without logger or progress bar."""
     mixture = "--model.init_args.backbone.init_args.base.init_args"
-    return [f"{mixture}.weights", json.dumps(base.weights.tolist()), f"{mixture}.means", json.dumps(base.means.tolist()),
+    config = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "gmm_adjoint.yaml")
+    return ["fit", "--config", config,
+            f"{mixture}.weights", json.dumps(base.weights.tolist()), f"{mixture}.means", json.dumps(base.means.tolist()),
             f"{mixture}.stds", repr(float(base.stds[0])),
             "--model.init_args.reward.init_args.direction", json.dumps(direction.tolist()),
-            "--model.init_args.objective.init_args.reward_multiplier", repr(float(lam))]
+            "--model.init_args.objective.init_args.reward_multiplier", repr(float(lam)),
+            "--trainer.default_root_dir", str(root), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
 
 
 def gmm_adjoint_backbone(checkpoint: str, base: GaussianMixture) -> ResidualVelocity:
